@@ -1,0 +1,149 @@
+"""Checkpoints: atomic save, safe (`weights_only`) load, and NVIDIA DeepLearningExamples compatibility.
+
+Format (NVIDIA's keys plus ours): {epoch, iteration, optimizer, scheduler, label_map, model} where
+`label_map` is NVIDIA's {label: name}; we add `categories` (label order, with dataset ids), `backbone`,
+`scaler` (AMP) and `format`. NVIDIA checkpoints lack the additions: they load as ResNet-50 with the
+COCO label map unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from ssd_train.labels import LabelMap, LabelMapError
+from ssd_train.model import BACKBONES, SSD300, build_model
+
+log = logging.getLogger(__name__)
+
+FORMAT = "ssd300-triton/1"
+DEFAULT_BACKBONE = "resnet50"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or does not fit the model."""
+
+
+def save_checkpoint(path: str | Path, state: dict) -> Path:
+    """Write `state` to `path` atomically: a crash leaves the previous file (or none), never half of one."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise CheckpointError(f"cannot write checkpoint to {path.parent}: {err.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def training_state(*, epoch: int, iteration: int, model, optimizer, scheduler, scaler, label_map: LabelMap,
+                   backbone: str) -> dict:
+    """What a training checkpoint holds; `epoch` = number of finished epochs."""
+    return {
+        "epoch": epoch,
+        "iteration": iteration,
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "label_map": label_map.to_nvidia(),
+        "categories": label_map.to_json(),
+        "backbone": backbone,
+    }
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model inside DDP / torch.compile wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """Load a checkpoint safely. A bare state dict (no `model` key) is accepted as {"model": it}."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"cannot read checkpoint {path}: {first_line}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a checkpoint (it holds a {type(state).__name__})")
+    if "model" not in state:
+        if not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{path} has no 'model' entry and is not a state dict")
+        state = {"model": state}
+    state["model"] = {k.removeprefix("module."): v for k, v in state["model"].items()}
+    return state
+
+
+def checkpoint_label_map(state: dict) -> LabelMap:
+    try:
+        if state.get("categories"):
+            return LabelMap.from_json(state["categories"])
+        if state.get("label_map"):
+            return LabelMap.from_nvidia(state["label_map"])
+    except LabelMapError as err:
+        raise CheckpointError(f"checkpoint label map: {err}") from None
+    return LabelMap.coco()
+
+
+def checkpoint_backbone(state: dict, override: str | None = None) -> str:
+    if override is not None:
+        return override
+    backbone = state.get("backbone")
+    if backbone is None:
+        return DEFAULT_BACKBONE
+    if backbone not in BACKBONES:
+        raise CheckpointError(f"checkpoint names an unknown backbone {backbone!r}")
+    return backbone
+
+
+def model_from_state(state: dict, backbone: str | None = None, path: str | Path = "checkpoint"
+                     ) -> tuple[SSD300, LabelMap, str]:
+    """Build the SSD300 a checkpoint describes and load its weights (strictly)."""
+    label_map = checkpoint_label_map(state)
+    backbone = checkpoint_backbone(state, backbone)
+    model = build_model(backbone, num_classes=label_map.num_classes)
+    load_model_weights(model, state["model"], f"{path} (backbone {backbone}, {label_map.num_classes} classes)")
+    return model, label_map, backbone
+
+
+def load_model_weights(model: torch.nn.Module, weights: dict, what: str) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    wrong = [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        details = []
+        for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if keys:
+                details.append(f"{len(keys)} {name} (e.g. {keys[0]})")
+        raise CheckpointError(f"weights do not fit the model of {what}: {', '.join(details)}")
+    model.load_state_dict(weights)
+
+
+def load_for_inference(path: str | Path, backbone: str | None = None, map_location="cpu"
+                       ) -> tuple[SSD300, LabelMap, dict]:
+    """The eval-mode model of a checkpoint, its label map and {backbone, epoch, format}."""
+    state = load_checkpoint(path, map_location)
+    if "backbone" not in state and backbone is None:
+        warnings.warn(f"{path} does not record its backbone: assuming {DEFAULT_BACKBONE} (pass --backbone)",
+                      stacklevel=2)
+    model, label_map, backbone = model_from_state(state, backbone, path)
+    info = {"backbone": backbone, "epoch": state.get("epoch"), "format": state.get("format", "nvidia")}
+    return model.eval(), label_map, info

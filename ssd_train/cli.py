@@ -1,0 +1,235 @@
+"""`ssd-train`: the command line of the toolkit. Thin: parse options, call the library, report."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import click
+
+from ssd_train.model import BACKBONES
+
+EPOCH_LIST = "comma-separated epoch indices (0-based)"
+
+
+def _int_list(ctx, param, value):
+    if value is None or isinstance(value, tuple):
+        return value
+    try:
+        return tuple(int(v) for v in str(value).replace(" ", ",").split(",") if v)
+    except ValueError:
+        raise click.BadParameter(f"expected {EPOCH_LIST}, got {value!r}") from None
+
+
+def user_errors(func):
+    """Turn the library's input errors into one-line click errors (no traceback)."""
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        from ssd_train.checkpoint import CheckpointError
+        from ssd_train.data.coco import DatasetError
+        from ssd_train.labels import LabelMapError
+        from ssd_train.model import BackboneError
+
+        errors = [CheckpointError, DatasetError, LabelMapError, BackboneError, FileNotFoundError]
+        try:
+            from ssd_train.data.dali import ImageDecodeError
+            errors.append(ImageDecodeError)
+        except ImportError:
+            pass
+        try:
+            from ssd_train.export import ExportError
+            errors.append(ExportError)
+        except ImportError:
+            pass
+        try:
+            return func(*args, **kwargs)
+        except tuple(errors) as err:
+            raise click.ClickException(str(err)) from None
+    return wrapper
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    # Warnings are one line each, without the source line (they are messages for users here).
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*TorchScript.*")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def cli(verbose):
+    """Train, evaluate, export and benchmark NVIDIA's SSD300 v1.1 detector."""
+    _setup_logging(verbose)
+
+
+# ---------------------------------------------------------------------------------------------- data
+@cli.group("make-dataset")
+def make_dataset():
+    """Generate datasets in the COCO layout."""
+
+
+@make_dataset.command("shapes")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--train", "train_count", default=200, show_default=True, help="Training images.")
+@click.option("--val", "val_count", default=50, show_default=True, help="Validation images.")
+@click.option("--seed", default=0, show_default=True)
+@user_errors
+def make_shapes(out, train_count, val_count, seed):
+    """Coloured circles, rectangles and triangles with boxes: a deterministic toy COCO dataset."""
+    from ssd_train.data.shapes import make_shapes_dataset
+
+    try:
+        make_shapes_dataset(out, train_count, val_count, seed)
+    except OSError as err:
+        raise click.ClickException(f"cannot write dataset to {out}: {err.strerror}") from None
+    click.echo(f"wrote {train_count} training and {val_count} validation images to {out} (COCO layout)")
+
+
+# ------------------------------------------------------------------------------------------ training
+def _data_backend_option():
+    return click.option("--data-backend", type=click.Choice(["dali", "pytorch"]), default=None,
+                        help="Input pipeline [default: dali when installed].")
+
+
+def _precision_options(func):
+    func = click.option("--amp/--no-amp", default=None,
+                        help="Mixed precision (fp16 on CUDA, bf16 on CPU) [default: on with CUDA].")(func)
+    func = click.option("--tf32/--no-tf32", default=True, show_default=True, help="TF32 matmuls/convs on Ampere+.")(func)
+    func = click.option("--channels-last/--no-channels-last", default=True, show_default=True,
+                        help="NHWC memory format.")(func)
+    return func
+
+
+@cli.command()
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="COCO-layout dataset directory.")
+@click.option("--save", default="runs/ssd300", show_default=True, type=click.Path(path_type=Path),
+              help="Directory for epoch_N.pt checkpoints and metrics.jsonl.")
+@click.option("--epochs", default=65, show_default=True)
+@click.option("--batch-size", "--bs", default=32, show_default=True, help="Per process.")
+@click.option("--eval-batch-size", "--ebs", default=32, show_default=True)
+@click.option("--learning-rate", "--lr", default=2.6e-3, show_default=True,
+              help="For batch 32 on one process; scaled by batch/32 and the number of processes.")
+@click.option("--multistep", default="43,54", show_default=True, callback=_int_list,
+              help="Epochs at which the learning rate drops x0.1.")
+@click.option("--warmup", default=0, show_default=True, help="Linear warmup iterations.")
+@click.option("--momentum", default=0.9, show_default=True)
+@click.option("--weight-decay", "--wd", default=5e-4, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="Resume from this checkpoint.")
+@click.option("--evaluation", default="21,31,37,42,48,53,59,64", show_default=True, callback=_int_list,
+              help=f"Evaluate after these epochs ({EPOCH_LIST}); the last epoch is always evaluated.")
+@click.option("--backbone", type=click.Choice(BACKBONES), default="resnet50", show_default=True)
+@click.option("--backbone-path", type=click.Path(path_type=Path),
+              help="torchvision-format ResNet state dict (otherwise ImageNet weights are tried).")
+@click.option("--pretrained-backbone/--no-pretrained-backbone", default=True, show_default=True,
+              help="Try torchvision's ImageNet weights when --backbone-path is not given.")
+@click.option("--num-workers", "-j", type=int, default=None, help="Data loading workers/threads.")
+@click.option("--json-summary", type=click.Path(path_type=Path), help="Write the final summary (mAP, ...) here.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N [default: cuda when available].")
+@_data_backend_option()
+@_precision_options
+@user_errors
+def fit(**options):
+    """Train SSD300 on a COCO-layout dataset (torchrun for several processes)."""
+    from ssd_train.data.loaders import default_backend
+    from ssd_train.train import FitConfig, fit as run_fit
+
+    options["data_backend"] = options["data_backend"] or default_backend()
+    summary = run_fit(FitConfig(**options))
+    if summary.get("coco_summary"):
+        click.echo(summary["coco_summary"].rstrip())
+    if summary.get("mAP") is not None:
+        click.echo(f"mAP {summary['mAP']:.4f} after {summary['epochs']} epochs; checkpoint {summary['checkpoint']}")
+
+
+@cli.command()
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="COCO-layout dataset directory.")
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path))
+@click.option("--split", default="val2017", show_default=True)
+@click.option("--backbone", type=click.Choice(BACKBONES), default=None,
+              help="Override the checkpoint's backbone (NVIDIA checkpoints do not record it).")
+@click.option("--eval-batch-size", "--ebs", default=32, show_default=True)
+@click.option("--num-workers", "-j", type=int, default=None)
+@click.option("--json-summary", type=click.Path(path_type=Path), help="Write mAP and the 12 COCO stats here.")
+@click.option("--device", default=None)
+@_data_backend_option()
+@_precision_options
+@user_errors
+def evaluate(data, checkpoint, split, backbone, eval_batch_size, num_workers, json_summary, device,
+             data_backend, amp, tf32, channels_last):
+    """COCO bbox mAP of a checkpoint on a split."""
+    from ssd_train.checkpoint import load_for_inference
+    from ssd_train.coco_eval import write_summary
+    from ssd_train.data.loaders import build_eval_loader, default_backend
+    from ssd_train.evaluate import evaluate_model
+    from ssd_train.train import pick_device, set_math_modes
+
+    device = pick_device(device)
+    amp = device.startswith("cuda") if amp is None else amp
+    set_math_modes(tf32)
+    model, label_map, info = load_for_inference(checkpoint, backbone)
+    loader, _ = build_eval_loader(data_backend or default_backend(), data, split, eval_batch_size, label_map,
+                                  device=device, num_workers=num_workers)
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch_channels_last())
+    result = evaluate_model(model, loader, label_map, Path(data) / "annotations" / f"instances_{split}.json",
+                            device, amp, channels_last)
+    click.echo(result["summary"].rstrip())
+    click.echo(f"mAP {result['mAP']:.4f}")
+    if json_summary:
+        write_summary(json_summary, result, checkpoint=str(checkpoint), split=split)
+
+
+def torch_channels_last():
+    import torch
+
+    return torch.channels_last
+
+
+# --------------------------------------------------------------------------------------------- predict
+@cli.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path))
+@click.option("--backbone", type=click.Choice(BACKBONES), default=None)
+@click.option("--threshold", default=0.3, show_default=True, help="Minimum score to report.")
+@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write annotated copies of the images here.")
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--device", default=None)
+@click.option("--amp/--no-amp", default=False, show_default=True)
+@user_errors
+def predict(images, checkpoint, backbone, threshold, output_dir, batch_size, device, amp):
+    """Detect objects in IMAGES; prints one JSON line per detection."""
+    from ssd_train.data.dali import ImageDecodeError
+    from ssd_train.draw import save_annotated
+    from ssd_train.predict import Predictor
+    from ssd_train.train import pick_device
+
+    predictor = Predictor.from_checkpoint(checkpoint, backbone, pick_device(device), amp=amp, batch_size=batch_size)
+    for path in images:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as err:
+            raise click.ClickException(f"cannot read image {path}: {err.strerror}") from None
+        try:
+            found = [d for d in predictor.detect([data])[0] if d["score"] >= threshold]
+        except ImageDecodeError as err:
+            raise click.ClickException(f"cannot decode image {path}: {err}") from None
+        for det in found:
+            click.echo(json.dumps({"image": str(path), **det}))
+        if output_dir is not None:
+            save_annotated(data, found, Path(output_dir) / Path(path).name)
+
+
+def main():
+    cli(prog_name="ssd-train")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""`ssd-train make-dataset shapes`: a deterministic synthetic detection dataset in the COCO layout.
+
+Coloured circles, rectangles and triangles (several per image, varied sizes, colours and image sizes)
+on noisy backgrounds. Category ids are deliberately not contiguous (1, 3, 7), like COCO's, so the
+label-map path is always exercised. The embedded default dataset of the demo and the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+CATEGORIES = ({"id": 1, "name": "circle"}, {"id": 3, "name": "rectangle"}, {"id": 7, "name": "triangle"})
+
+
+def _draw_object(draw: ImageDraw.ImageDraw, rng: random.Random, kind: str, box, colour) -> list[float]:
+    x1, y1, x2, y2 = box
+    if kind == "circle":
+        draw.ellipse(box, fill=colour)
+    elif kind == "rectangle":
+        draw.rectangle(box, fill=colour)
+    else:  # triangle, apex anywhere on the top edge: the tight box is still the drawn box
+        apex = rng.uniform(x1, x2)
+        draw.polygon([(apex, y1), (x2, y2), (x1, y2)], fill=colour)
+    return [float(x1), float(y1), float(x2 - x1 + 1), float(y2 - y1 + 1)]
+
+
+def _background(rng: random.Random, width: int, height: int) -> Image.Image:
+    base = np.array([rng.randint(0, 255) for _ in range(3)], dtype=np.float32)
+    noise = np.random.default_rng(rng.randint(0, 2**31)).normal(0, 12, (height, width, 3))
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+
+
+def _colour_far_from(rng: random.Random, background) -> tuple[int, int, int]:
+    while True:
+        colour = tuple(rng.randint(0, 255) for _ in range(3))
+        if sum(abs(a - b) for a, b in zip(colour, background)) > 150:
+            return colour
+
+
+def make_split(out: Path, split: str, count: int, seed: int, first_id: int = 1) -> dict:
+    rng = random.Random(f"{seed}-{split}")
+    image_dir = out / split
+    image_dir.mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for image_id in range(first_id, first_id + count):
+        width, height = rng.randint(240, 400), rng.randint(240, 400)
+        image = _background(rng, width, height)
+        background = image.getpixel((0, 0))
+        draw = ImageDraw.Draw(image)
+        placed: list[tuple[int, int, int, int]] = []
+        for _ in range(rng.randint(1, 4)):
+            for _attempt in range(20):
+                side = rng.uniform(0.15, 0.5) * min(width, height)
+                w, h = side * rng.uniform(0.7, 1.4), side * rng.uniform(0.7, 1.4)
+                x1, y1 = rng.uniform(0, width - w - 1), rng.uniform(0, height - h - 1)
+                box = (round(x1), round(y1), round(x1 + w), round(y1 + h))
+                if all(box[2] < p[0] or box[0] > p[2] or box[3] < p[1] or box[1] > p[3] for p in placed):
+                    break
+            else:
+                continue  # no free place left for another object
+            placed.append(box)
+            category = rng.choice(CATEGORIES)
+            bbox = _draw_object(draw, rng, category["name"], box, _colour_far_from(rng, background))
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category["id"],
+                                "bbox": bbox, "area": bbox[2] * bbox[3], "iscrowd": 0})
+        file_name = f"{image_id:06d}.jpg"
+        image.save(image_dir / file_name, quality=92)
+        images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
+    return {"images": images, "annotations": annotations, "categories": list(CATEGORIES)}
+
+
+def make_shapes_dataset(out: str | Path, train: int = 200, val: int = 50, seed: int = 0) -> Path:
+    """Write OUT/train2017, OUT/val2017 and OUT/annotations/instances_{train,val}2017.json."""
+    out = Path(out)
+    (out / "annotations").mkdir(parents=True, exist_ok=True)
+    for split, count, first_id in (("train2017", train, 1), ("val2017", val, 1_000_000)):
+        data = make_split(out, split, count, seed, first_id)
+        (out / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
+    return out

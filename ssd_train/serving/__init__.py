@@ -1,0 +1,1 @@
+"""Triton serving: model names and tensors (`io`), the `ssd-serve` launcher, the CPU flavour."""

@@ -1,0 +1,277 @@
+"""The training loop of SSD300 v1.1: optimizer groups, warmup + multistep schedule, AMP, DDP,
+atomic per-epoch checkpoints, exact resume and periodic COCO evaluation."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from ssd_train import checkpoint as ckpt
+from ssd_train.data.loaders import build_eval_loader, build_train_loader, default_backend
+from ssd_train.evaluate import evaluate_model
+from ssd_train.inference import autocast
+from ssd_train.loss import SSDLoss
+from ssd_train.model import build_model
+
+log = logging.getLogger(__name__)
+
+REFERENCE_BATCH = 32  # the learning rate is given for this batch size per GPU
+
+
+@dataclass
+class FitConfig:
+    data: Path
+    save: Path = Path("runs/ssd300")
+    epochs: int = 65
+    batch_size: int = 32
+    eval_batch_size: int = 32
+    learning_rate: float = 2.6e-3
+    multistep: tuple[int, ...] = (43, 54)
+    warmup: int = 0
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 0
+    checkpoint: Path | None = None
+    evaluation: tuple[int, ...] = (21, 31, 37, 42, 48, 53, 59, 64)
+    backbone: str = "resnet50"
+    backbone_path: Path | None = None
+    pretrained_backbone: bool = True
+    num_workers: int | None = None
+    json_summary: Path | None = None
+    data_backend: str = field(default_factory=default_backend)
+    device: str | None = None
+    amp: bool | None = None  # default: on with CUDA
+    tf32: bool = True
+    channels_last: bool = True
+    log_interval: int = 20
+    progress: bool = True
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str) -> Distributed:
+    """Join the process group torchrun describes in the environment (NCCL on GPUs, gloo on CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Distributed()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return Distributed(dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def pick_device(requested: str | None, local_rank: int = 0) -> str:
+    if requested:
+        return requested
+    return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+
+
+def set_math_modes(tf32: bool) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = True
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on conv weights only: BatchNorm parameters and biases get none."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim > 1 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def scaled_learning_rate(base: float, batch_size: int, world_size: int) -> float:
+    return base * world_size * batch_size / REFERENCE_BATCH
+
+
+def lr_factor(iters_per_epoch: int, multistep: tuple[int, ...], warmup: int):
+    """Per-iteration LR multiplier: linear warmup over `warmup` iterations, x0.1 at each milestone epoch."""
+    def factor(iteration: int) -> float:
+        epoch = iteration // iters_per_epoch
+        decay = 0.1 ** sum(epoch >= m for m in multistep)
+        ramp = min(1.0, (iteration + 1) / warmup) if warmup > 0 else 1.0
+        return decay * ramp
+    return factor
+
+
+def make_grad_scaler(device: str, amp: bool):
+    """Loss scaling for fp16 autocast on CUDA (bf16 on CPU needs none)."""
+    enabled = amp and device.startswith("cuda")
+    return torch.amp.GradScaler("cuda", enabled=enabled) if enabled else None
+
+
+def train_step(model, loss_fn, optimizer, scaler, batch, device, amp: bool, channels_last: bool) -> torch.Tensor:
+    """One optimisation step on a batch (images, target offsets, target labels); returns the loss.
+    Shared by `fit` and `ssd-train benchmark --mode training`."""
+    images, offsets, labels = (t.to(device, non_blocking=True) for t in batch)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with autocast(device, amp):
+        locs, scores = model(images)
+    loss = loss_fn(locs, scores, offsets, labels)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return loss.detach()
+
+
+class MetricsLog:
+    """Metrics as JSON lines (`SAVE/metrics.jsonl`), written by rank 0 only."""
+
+    def __init__(self, path: Path | None):
+        self.file = open(path, "a", buffering=1) if path is not None else None
+
+    def write(self, event: str, **values) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps({"event": event, "time": round(time.time(), 3), **values}) + "\n")
+        log.debug("%s %s", event, values)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def check_writable(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ckpt.CheckpointError(f"cannot write checkpoints to {directory}: {err.strerror}") from None
+
+
+def fit(cfg: FitConfig) -> dict:
+    """Train; returns the summary (also written to `cfg.json_summary`)."""
+    cfg.save = Path(cfg.save)
+    device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    ddp = init_distributed(device)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    amp = device.startswith("cuda") if cfg.amp is None else cfg.amp
+    set_math_modes(cfg.tf32)
+
+    resume = ckpt.load_checkpoint(cfg.checkpoint) if cfg.checkpoint else None
+    backbone = ckpt.checkpoint_backbone(resume, None) if resume else cfg.backbone
+    expected_labels = ckpt.checkpoint_label_map(resume) if resume else None
+    train_loader = build_train_loader(cfg.data_backend, cfg.data, "train2017", cfg.batch_size, expected_labels,
+                                      cfg.seed, ddp.rank, ddp.world_size, device, cfg.num_workers)
+    eval_loader, label_map = build_eval_loader(cfg.data_backend, cfg.data, "val2017", cfg.eval_batch_size,
+                                               expected_labels, ddp.rank, ddp.world_size, device, cfg.num_workers)
+    annotation_file = Path(cfg.data) / "annotations" / "instances_val2017.json"
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(backbone, label_map.num_classes, cfg.backbone_path and str(cfg.backbone_path),
+                        pretrained_backbone=cfg.pretrained_backbone and resume is None)
+    if resume:
+        ckpt.load_model_weights(model, resume["model"], f"{cfg.checkpoint} (backbone {backbone})")
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    train_model = model
+    if ddp.enabled:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
+
+    iters_per_epoch = len(train_loader)
+    lr = scaled_learning_rate(cfg.learning_rate, cfg.batch_size, ddp.world_size)
+    optimizer = torch.optim.SGD(parameter_groups(model, cfg.weight_decay), lr=lr, momentum=cfg.momentum)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(iters_per_epoch, cfg.multistep, cfg.warmup))
+    scaler = make_grad_scaler(device, amp)
+    loss_fn = SSDLoss()
+    start_epoch, iteration = 0, 0
+    if resume:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        if scaler is not None and resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
+        start_epoch, iteration = int(resume["epoch"]), int(resume["iteration"])
+
+    if ddp.is_main:
+        check_writable(cfg.save)
+    metrics = MetricsLog(cfg.save / "metrics.jsonl" if ddp.is_main else None)
+    if ddp.is_main:
+        metrics.write("start", backbone=backbone, classes=label_map.num_classes, device=device, amp=amp,
+                      world_size=ddp.world_size, batch_size=cfg.batch_size, lr=lr, epochs=cfg.epochs,
+                      iterations_per_epoch=iters_per_epoch, data_backend=cfg.data_backend,
+                      resumed_from=str(cfg.checkpoint) if resume else None, start_epoch=start_epoch)
+    summary: dict = {"mAP": None, "evaluations": []}
+    started = time.perf_counter()
+    images_seen = 0
+    for epoch in range(start_epoch, cfg.epochs):
+        torch.manual_seed(cfg.seed + epoch)  # augmentation randomness is a function of (seed, epoch)
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(epoch)
+        train_model.train()
+        epoch_start, running = time.perf_counter(), []
+        bar = tqdm(train_loader, desc=f"epoch {epoch}", unit="batch", disable=not (cfg.progress and ddp.is_main),
+                   mininterval=2, dynamic_ncols=True)
+        for batch in bar:
+            loss = train_step(train_model, loss_fn, optimizer, scaler, batch, device, amp, cfg.channels_last)
+            scheduler.step()
+            iteration += 1
+            running.append(loss)
+            if iteration % cfg.log_interval == 0:
+                value = torch.stack(running[-cfg.log_interval:]).mean().item()
+                bar.set_postfix(loss=f"{value:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                if ddp.is_main:
+                    metrics.write("train", epoch=epoch, iteration=iteration, loss=value,
+                                  lr=scheduler.get_last_lr()[0])
+        if not running:
+            raise RuntimeError("the training loader yielded no batch")
+        seconds = time.perf_counter() - epoch_start
+        epoch_images = len(running) * cfg.batch_size * ddp.world_size
+        images_seen += epoch_images
+        epoch_loss = torch.stack(running).mean().item()
+        if ddp.is_main:
+            metrics.write("epoch", epoch=epoch, iteration=iteration, loss=epoch_loss,
+                          images_per_s=epoch_images / seconds, seconds=seconds)
+            ckpt.save_checkpoint(cfg.save / f"epoch_{epoch}.pt", ckpt.training_state(
+                epoch=epoch + 1, iteration=iteration, model=model, optimizer=optimizer, scheduler=scheduler,
+                scaler=scaler, label_map=label_map, backbone=backbone))
+        if epoch in cfg.evaluation or epoch == cfg.epochs - 1:
+            result = evaluate_model(model, eval_loader, label_map, annotation_file, device, amp,
+                                    cfg.channels_last, cfg.progress and ddp.is_main)
+            if ddp.is_main:
+                metrics.write("eval", epoch=epoch, mAP=result["mAP"], **result["stats"])
+                summary["evaluations"].append({"epoch": epoch, "mAP": result["mAP"]})
+                summary.update(mAP=result["mAP"], stats=result["stats"], coco_summary=result["summary"])
+                log.info("epoch %d: mAP %.4f", epoch, result["mAP"])
+    elapsed = time.perf_counter() - started
+    summary.update(epochs=cfg.epochs, iterations=iteration, train_seconds=elapsed,
+                   images_per_s=images_seen / elapsed if elapsed > 0 else None,
+                   checkpoint=str(cfg.save / f"epoch_{cfg.epochs - 1}.pt"))
+    if ddp.is_main:
+        metrics.write("end", **{k: v for k, v in summary.items() if k != "coco_summary"})
+        if cfg.json_summary:
+            Path(cfg.json_summary).write_text(json.dumps(summary, indent=1) + "\n")
+    metrics.close()
+    if ddp.enabled:
+        dist.barrier()
+    return summary
