@@ -227,6 +227,87 @@ def predict(images, checkpoint, backbone, threshold, output_dir, batch_size, dev
             save_annotated(data, found, Path(output_dir) / Path(path).name)
 
 
+# ---------------------------------------------------------------------------------------------- export
+@cli.command()
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path))
+@click.option("--model-repository", default="model_repository", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Triton model repository to write into (our configs are added where missing).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "both"]), default="both", show_default=True,
+              help="TorchScript variants to write (the GPU ensemble serves fp16, the CPU flavour fp32).")
+@click.option("--onnx", is_flag=True, help="Also write an ONNX model, checked by onnx.checker and onnxruntime.")
+@click.option("--backbone", type=click.Choice(BACKBONES), default=None,
+              help="Override the checkpoint's backbone (NVIDIA checkpoints do not record it).")
+@user_errors
+def export(checkpoint, model_repository, precision, onnx, backbone):
+    """Export a checkpoint into a Triton model repository (TorchScript, label map, optional ONNX)."""
+    from ssd_train.export import export_model_repository
+
+    precisions = ("fp32", "fp16") if precision == "both" else (precision,)
+    written = export_model_repository(checkpoint, model_repository, precisions, onnx=onnx, backbone=backbone)
+    for path in written:
+        click.echo(f"wrote {path}")
+    click.echo(f"serve it with: ssd-serve --model-repository {model_repository}")
+
+
+# ------------------------------------------------------------------------------------------- benchmark
+@cli.command()
+@click.option("--mode", type=click.Choice(["training", "inference"]), required=True)
+@click.option("--batch-size", "--bs", "batch_size", type=int, default=32, show_default=True)
+@click.option("--batch-sizes", callback=_int_list, default=None,
+              help="Sweep these batch sizes (e.g. 1,2,4,8,16,32,64) instead of --batch-size.")
+@click.option("--amp/--no-amp", default=None,
+              help="Only mixed precision / only full precision [default: both columns on CUDA, fp32 on CPU].")
+@click.option("--tf32/--no-tf32", default=True, show_default=True)
+@click.option("--channels-last/--no-channels-last", default=True, show_default=True)
+@click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model first.")
+@click.option("--benchmark-warmup", default=10, show_default=True, help="Untimed iterations first.")
+@click.option("--benchmark-iterations", default=20, show_default=True, help="Timed iterations.")
+@click.option("--backbone", type=click.Choice(BACKBONES), default="resnet50", show_default=True)
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="COCO-layout dataset to take images from [default: synthetic].")
+@_data_backend_option()
+@click.option("--device", default=None)
+@click.option("--json-summary", type=click.Path(path_type=Path))
+@user_errors
+def benchmark(mode, batch_size, batch_sizes, amp, tf32, channels_last, compile_model, benchmark_warmup,
+              benchmark_iterations, backbone, data, data_backend, device, json_summary):
+    """Throughput in images/s (mean, median, min, max) and the seeds' table for a sweep."""
+    import torch
+
+    from ssd_train.benchmark import run_sweep, sweep_table
+    from ssd_train.train import pick_device
+
+    device = torch.device(pick_device(device))
+    if amp is None:
+        precisions = [False, True] if device.type == "cuda" else [False]
+    else:
+        precisions = [amp]
+    sizes = list(batch_sizes or [batch_size])
+    math_name = "TF32" if device.type == "cuda" and tf32 else "FP32"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    click.echo(f"{mode} benchmark of SSD300 ({backbone}) on {where}, {benchmark_iterations} timed iterations "
+               f"after {benchmark_warmup} warmup; {'real images from ' + str(data) if data else 'synthetic data'}")
+
+    def report(result):
+        s = result.summary()
+        click.echo(f"batch {s['batch_size']:>3} {s['precision']:>4}: mean {s['throughput_mean']:.2f} img/s, "
+                   f"median {s['throughput_median']:.2f}, min {s['throughput_min']:.2f}, "
+                   f"max {s['throughput_max']:.2f}, latency {s['latency_mean_ms']:.1f} ms")
+
+    from ssd_train.data.loaders import default_backend
+
+    results = run_sweep(mode, sizes, precisions, device, backbone, benchmark_warmup, benchmark_iterations, tf32,
+                        channels_last, compile_model, data, data_backend or default_backend(), report)
+    click.echo("")
+    click.echo(sweep_table(results, math_name))
+    if json_summary:
+        Path(json_summary).write_text(json.dumps({
+            "mode": mode, "device": where, "backbone": backbone, "tf32": tf32, "channels_last": channels_last,
+            "compile": compile_model, "data": str(data) if data else "synthetic",
+            "results": [r.summary() for r in results]}, indent=1) + "\n")
+
+
 def main():
     cli(prog_name="ssd-train")
 

@@ -36,6 +36,14 @@ DETECTION_SCORES = "DETECTION_SCORES"  # FP32 [200]
 DETECTION_CLASSES = "DETECTION_CLASSES"  # INT32 [200] dataset category ids (COCO ids), 0 = padding
 NUM_DETECTIONS = "NUM_DETECTIONS"  # INT32 [1]
 DETECTION_OUTPUTS = (DETECTION_BOXES, DETECTION_SCORES, DETECTION_CLASSES, NUM_DETECTIONS)
+# Triton data types of the ensemble's public tensors (what a client sends and reads).
+ENSEMBLE_INPUT_DTYPES = {IMAGE: "UINT8"}
+ENSEMBLE_OUTPUT_DTYPES = {
+    DETECTION_BOXES: "FP32",
+    DETECTION_SCORES: "FP32",
+    DETECTION_CLASSES: "INT32",
+    NUM_DETECTIONS: "INT32",
+}
 
 INPUT_SIZE = 300
 # Artifacts `ssd-train export` writes (never committed).

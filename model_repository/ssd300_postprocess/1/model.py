@@ -1,0 +1,87 @@
+"""Triton python-backend model: SSD300 outputs -> detections in original-image pixels.
+
+Decoding, NMS, pixel scaling and the label -> category id lookup are `ssd_train.boxes` and
+`ssd_train.inference`, the code `ssd-train evaluate/predict` run. The requests of a dynamic batch go
+through one `postprocess` call. Inputs arrive through DLPack where they are (GPU memory on the GPU
+server, `FORCE_CPU_ONLY_INPUT_TENSORS: no`), and the work runs on this instance's device.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import triton_python_backend_utils as pb_utils
+from torch.utils.dlpack import from_dlpack, to_dlpack
+
+from ssd_train.boxes import postprocess
+from ssd_train.inference import category_lookup, scale_to_pixels
+from ssd_train.labels import LabelMap
+from ssd_train.serving import io
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        gpu = args["model_instance_kind"] == "GPU" and torch.cuda.is_available()
+        self.device = torch.device(f"cuda:{args['model_instance_device_id']}" if gpu else "cpu")
+        # model_repository is this model's folder; export writes the label map into the version.
+        labels = Path(args["model_repository"]) / args["model_version"] / io.LABELS_FILE
+        self.label_map = LabelMap.load(labels)
+        self.categories = category_lookup(self.label_map, self.device).to(torch.int32)
+
+    def execute(self, requests):
+        responses = [None] * len(requests)
+        batch = []  # (request index, locs, scores, sizes)
+        for i, request in enumerate(requests):
+            try:
+                batch.append((i, *self._inputs(request)))
+            except ValueError as err:
+                responses[i] = _error(str(err))
+        if batch:
+            try:
+                outputs = self._detect(batch)
+            except Exception as err:  # a failure of the shared call fails each request in it
+                outputs = [_error(f"postprocess failed: {err}")] * len(batch)
+            for (i, *_), response in zip(batch, outputs):
+                responses[i] = response
+        return responses
+
+    def _inputs(self, request):
+        locs, scores, sizes = (
+            from_dlpack(pb_utils.get_input_tensor_by_name(request, name).to_dlpack()).to(self.device)
+            for name in (io.LOCS, io.SCORES, io.IMAGE_SIZE)
+        )
+        if scores.shape[1] != self.label_map.num_classes:
+            raise ValueError(
+                f"{io.SCORES} has {scores.shape[1]} classes but {io.LABELS_FILE} describes "
+                f"{self.label_map.num_classes} (background included): re-run ssd-train export"
+            )
+        return locs, scores, sizes
+
+    def _detect(self, batch):
+        locs, scores, sizes = (torch.cat([item[k] for item in batch]) for k in (1, 2, 3))
+        detections = scale_to_pixels(postprocess(locs, scores), sizes)
+        classes = self.categories[detections.labels]  # label 0 (padding) -> 0
+        counts = detections.counts.to(torch.int32)[:, None]
+        outputs, start = [], 0
+        for _, item_locs, _, _ in batch:
+            rows = slice(start, start + len(item_locs))
+            start = rows.stop
+            tensors = {
+                io.DETECTION_BOXES: detections.boxes[rows],
+                io.DETECTION_SCORES: detections.scores[rows],
+                io.DETECTION_CLASSES: classes[rows],
+                io.NUM_DETECTIONS: counts[rows],
+            }
+            outputs.append(pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor.from_dlpack(name, to_dlpack(t.contiguous())) for name, t in tensors.items()
+            ]))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the outputs leave this process: finish writing them
+        return outputs
+
+
+def _error(message: str):
+    return pb_utils.InferenceResponse(
+        output_tensors=[], error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
+    )

@@ -1,0 +1,448 @@
+"""`ssd-serve`: run a real Triton Inference Server on the SSD300 model repository.
+
+Two flavours of one repository:
+- "gpu": the `tritonserver` on PATH with the dali, pytorch and python backends (the NGC container)
+  serves the production repository as it is.
+- "cpu": the `tritonserver` bundled with `nvidia-pytriton` (python backend only) serves the CPU
+  flavour derived from it at launch (`cpu_flavour.py`): DALI and TorchScript steps as python models
+  running the same pipeline definition and the same `model.pt` on CPU.
+"auto" (the default) picks "gpu" when that server, its backends and a GPU are there.
+
+Python API (stable: the tests, `ssd_client`'s tests and the perf tools start servers with it):
+
+    from ssd_train.serving.server import ServeError, TritonServer
+
+    with TritonServer("model_repository", http_port=0, grpc_port=0, metrics_port=0) as server:
+        server.http_url      # "127.0.0.1:43121"  host:port, as tritonclient.http takes it
+        server.grpc_url      # "127.0.0.1:43122"  host:port, as tritonclient.grpc takes it
+        server.metrics_url   # "http://127.0.0.1:43123/metrics"
+        server.flavour       # "gpu" or "cpu"
+        server.models        # the models it loaded, the ensemble last
+    # leaving the block stops the server
+
+    TritonServer(repository=DEFAULT_REPOSITORY, *, host="127.0.0.1", http_port=8000, grpc_port=8001,
+                 metrics_port=8002, flavour="auto", startup_timeout=600.0, log_file=None, extra_args=())
+                        extra_args: more tritonserver options, e.g. ["--log-verbose=1"]
+    .start() -> self    blocks until every model is ready; ServeError (with the log's last lines)
+                        when the repository has no exported weights, a port is taken, or the server
+                        dies or is not ready in time. Port 0 picks a free port.
+    .stop()             SIGTERM to the server's process group (its python stubs too), SIGKILL after
+                        `stop_timeout` seconds; idempotent, also run at interpreter exit.
+    .wait() -> int      blocks while the server runs; its exit code.
+    .running -> bool,   .log_tail(lines=20) -> str (also after stop),
+    .log_file -> Path   the server's log while it runs (kept after stop only when passed in)
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+
+from ssd_train.serving import io
+from ssd_train.serving.cpu_flavour import CONFIG_FILE, VERSION, ConfigError, derive_cpu_repository, model_kind, \
+    read_config
+
+# The project's model repository (configs and model code in git, weights from `ssd-train export`).
+DEFAULT_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
+FLAVOURS = ("auto", "gpu", "cpu")
+PRODUCTION_BACKENDS = ("dali", "pytorch", "python")
+# Log lines of no interest on a machine without a GPU.
+_NOISE = ("CUDA driver version is insufficient", "NVML", "DCGM", "Unable to allocate pinned system memory",
+          "cudaGetDeviceCount")
+
+
+class ServeError(RuntimeError):
+    """The server cannot be started or has died."""
+
+
+class TritonServer:
+    def __init__(
+        self,
+        repository: str | Path = DEFAULT_REPOSITORY,
+        *,
+        host: str = "127.0.0.1",
+        http_port: int = 8000,
+        grpc_port: int = 8001,
+        metrics_port: int = 8002,
+        flavour: str = "auto",
+        startup_timeout: float = 600.0,
+        stop_timeout: float = 20.0,
+        log_file: str | Path | None = None,
+        extra_args: Sequence[str] = (),
+    ):
+        if flavour not in FLAVOURS:
+            raise ServeError(f"flavour must be one of {', '.join(FLAVOURS)}, not {flavour!r}")
+        self.repository = Path(repository)
+        self.host = host
+        self.ports = {"http": http_port, "grpc": grpc_port, "metrics": metrics_port}
+        self.requested_flavour = flavour
+        self.flavour: str | None = None
+        self.models: list[str] = []
+        self.startup_timeout = startup_timeout
+        self.stop_timeout = stop_timeout
+        self._log_file = Path(log_file) if log_file else None
+        self.extra_args = list(extra_args)
+        self._scratch: Path | None = None
+        self._process: subprocess.Popen | None = None
+        self._saved_tail = ""  # the log's end, kept when its scratch directory is removed
+
+    # -- addresses ------------------------------------------------------------------------------
+
+    @property
+    def _client_host(self) -> str:
+        """Where a client on this machine reaches the server (a wildcard address is not one)."""
+        host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+        return f"[{host}]" if ":" in host else host
+
+    @property
+    def http_url(self) -> str:
+        return f"{self._client_host}:{self.ports['http']}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self._client_host}:{self.ports['grpc']}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self._client_host}:{self.ports['metrics']}/metrics"
+
+    @property
+    def log_file(self) -> Path | None:
+        return self._log_file
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> "TritonServer":
+        if self._process is not None:
+            raise ServeError("this server was already started")
+        self.flavour = resolve_flavour(self.requested_flavour)
+        check_weights(self.repository, self.flavour)
+        self._choose_ports()
+        self._scratch = Path(tempfile.mkdtemp(prefix="ssd-serve-"))
+        atexit.register(self.stop)
+        try:
+            command, env = self._command()
+            if self._log_file is None:
+                self._log_file = self._scratch / "tritonserver.log"
+            with open(self._log_file, "ab") as log:
+                # Own process group: stop() signals the server and its python stubs together.
+                self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                 stdin=subprocess.DEVNULL, start_new_session=True)
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            _signal_group(process, signal.SIGTERM)
+            try:
+                process.wait(self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                _signal_group(process, signal.SIGKILL)
+                process.wait()
+        if process is not None:
+            _signal_group(process, signal.SIGKILL)  # stubs the server left behind, if any
+        if self._scratch is not None:
+            if self._log_file is not None and self._log_file.is_relative_to(self._scratch):
+                self._saved_tail, self._log_file = _tail(self._log_file, 200), None
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
+        atexit.unregister(self.stop)
+
+    def wait(self) -> int:
+        if self._process is None:
+            raise ServeError("the server is not running")
+        return self._process.wait()
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The server log's last lines (without the no-GPU noise), also after stop()."""
+        if self._log_file is not None and self._log_file.exists():
+            return _tail(self._log_file, lines)
+        return "\n".join(self._saved_tail.splitlines()[-lines:])
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _choose_ports(self) -> None:
+        given = [port for port in self.ports.values() if port]
+        if len(set(given)) != len(given):
+            raise ServeError(f"the http, grpc and metrics ports must differ, got {self.ports}")
+        for name, port in self.ports.items():
+            if port and not _port_free(self.host, port):
+                raise ServeError(f"port {port} on {self.host or '0.0.0.0'} is taken (--{name}-port): stop what "
+                                 "uses it or pick another port")
+        with contextlib.ExitStack() as held:  # hold each picked port until all are picked: no repeats
+            for name, port in self.ports.items():
+                if port == 0:
+                    self.ports[name] = _bound_port(self.host, held)
+
+    def _command(self) -> tuple[list[str], dict]:
+        env = dict(os.environ)
+        try:
+            if self.flavour == "gpu":
+                binary, backends = production_server()
+                repository = self.repository.resolve()
+                self.models = loadable_models(repository)
+            else:
+                binary, backends, env = cpu_server(self._scratch, env)
+                repository = self._scratch / "model_repository"
+                self.models = derive_cpu_repository(self.repository, repository)
+        except ConfigError as err:
+            raise ServeError(str(err)) from None
+        command = [
+            str(binary),
+            f"--model-repository={repository}",
+            f"--backend-directory={backends}",
+            "--model-control-mode=explicit",
+            *(f"--load-model={name}" for name in self.models),
+            "--strict-readiness=true",
+            "--exit-on-error=true",
+            "--exit-timeout-secs=10",
+            f"--http-address={self.host}", f"--http-port={self.ports['http']}",
+            f"--grpc-address={self.host}", f"--grpc-port={self.ports['grpc']}",
+            f"--metrics-address={self.host}", f"--metrics-port={self.ports['metrics']}",
+            # A prefix of our own: two servers on one machine must not share python-backend shm.
+            f"--backend-config=python,shm-region-prefix-name=ssd-serve-{os.getpid()}-{id(self):x}",
+        ]
+        command += self.extra_args
+        if self.flavour == "cpu":
+            # The derived configs are complete; auto-completion would start one more python stub per
+            # model (importing torch) just to ask model.py for config changes.
+            command.append("--disable-auto-complete-config")
+        return command, env
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        ready_url = f"http://{self.http_url}/v2/health/ready"
+        while time.monotonic() < deadline:
+            code = self._process.poll()
+            if code is not None:
+                raise ServeError(f"tritonserver exited with code {code} while starting; its log ends with:\n"
+                                 f"{self.log_tail()}")
+            if _http_ok(ready_url):
+                return
+            time.sleep(0.5)
+        raise ServeError(f"tritonserver was not ready after {self.startup_timeout:.0f} s; its log ends with:\n"
+                         f"{self.log_tail()}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Which server, which models
+
+
+def production_server() -> tuple[Path, Path] | None:
+    """(tritonserver binary, backend directory) of a server with the dali, pytorch and python
+    backends, or None."""
+    binary = shutil.which("tritonserver")
+    if binary is None:
+        return None
+    candidates = [os.environ.get("TRITON_BACKEND_DIRECTORY"), Path(binary).resolve().parent.parent / "backends",
+                  "/opt/tritonserver/backends"]
+    for directory in filter(None, candidates):
+        if all((Path(directory) / backend).is_dir() for backend in PRODUCTION_BACKENDS):
+            return Path(binary), Path(directory)
+    return None
+
+
+def gpu_visible() -> bool:
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def resolve_flavour(flavour: str) -> str:
+    if flavour == "cpu":
+        return "cpu"
+    production = production_server() is not None
+    if flavour == "gpu":
+        if not production:
+            raise ServeError("--flavour gpu needs a tritonserver on PATH with the dali, pytorch and python backends "
+                             "(the NGC tritonserver container); use --flavour cpu here")
+        return "gpu"
+    return "gpu" if production and gpu_visible() else "cpu"
+
+
+def loadable_models(repository: Path) -> list[str]:
+    """The repository's models that can load: all but the TorchScript models export has not written."""
+    names = []
+    for name in io.MODELS:
+        kind = model_kind(read_config(repository / name / CONFIG_FILE))
+        if kind == "pytorch_libtorch" and not (repository / name / VERSION / io.TORCHSCRIPT_FILE).is_file():
+            continue
+        names.append(name)
+    return names
+
+
+def check_weights(repository: Path, flavour: str) -> None:
+    """ServeError unless `repository` has the configs and the weights its ensemble needs."""
+    missing_configs = [name for name in io.MODELS if not (repository / name / CONFIG_FILE).is_file()]
+    if missing_configs:
+        raise ServeError(f"{repository} is not an SSD300 model repository (no {missing_configs[0]}/{CONFIG_FILE})")
+    try:
+        ensemble = read_config(repository / io.ENSEMBLE / CONFIG_FILE)
+        steps = [step.model_name for step in ensemble.ensemble_scheduling.step]
+        if flavour == "cpu":  # the CPU flavour's ensemble runs fp32 (cpu_flavour.py)
+            steps = [io.MODEL_FP32 if s in (io.MODEL_FP32, io.MODEL_FP16) else s for s in steps]
+        needed = [(io.POSTPROCESS, io.LABELS_FILE)]
+        for step in steps:
+            if model_kind(read_config(repository / step / CONFIG_FILE)) == "pytorch_libtorch":
+                needed.append((step, io.TORCHSCRIPT_FILE))
+    except ConfigError as err:
+        raise ServeError(str(err)) from None
+    missing = [f"{model}/{VERSION}/{file}" for model, file in needed if not (repository / model / VERSION / file).is_file()]
+    if missing:
+        hint = " (the GPU ensemble runs fp16: --precision both)" if f"{io.MODEL_FP16}/" in missing[-1] else ""
+        raise ServeError(f"{repository} has no exported weights ({', '.join(missing)} missing): "
+                         f"run ssd-train export first{hint}")
+
+
+def cpu_server(scratch: Path, env: dict) -> tuple[Path, Path, dict]:
+    """The tritonserver bundled with nvidia-pytriton, a backend directory with the python stub for
+    this interpreter, and the environment the stub needs (RUNTIME.md)."""
+    try:
+        import pytriton
+    except ImportError:
+        raise ServeError("the CPU flavour needs the nvidia-pytriton package (its bundled tritonserver)") from None
+    dist = Path(pytriton.__file__).parent / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise ServeError(f"nvidia-pytriton has no python backend stub for Python {version}")
+    python_backend = scratch / "backends" / "python"
+    python_backend.mkdir(parents=True)
+    for item in (dist / "backends" / "python").iterdir():
+        if item.is_file():
+            os.symlink(item, python_backend / item.name)
+    shutil.copy2(stub, python_backend / "triton_python_backend_stub")
+    env = dict(env)
+    libs = [sysconfig.get_config_var("LIBDIR"), str(dist.parent.parent / "nvidia_pytriton.libs"),
+            env.get("LD_LIBRARY_PATH")]
+    env["LD_LIBRARY_PATH"] = ":".join(filter(None, libs))
+    # The stub runs the first python3 on PATH: ours, which imports torch, DALI and ssd_train.
+    env["PATH"] = os.pathsep.join(filter(None, [str(Path(sys.executable).parent), env.get("PATH")]))
+    return dist / "bin" / "tritonserver", scratch / "backends", env
+
+
+# ------------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _port_free(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _bound_port(host: str, stack: contextlib.ExitStack) -> int:
+    """A free port, kept bound until `stack` closes."""
+    sock = stack.enter_context(socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET))
+    sock.bind((host, 0))
+    return sock.getsockname()[1]
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            kept = deque((line.rstrip("\n") for line in f if not any(n in line for n in _NOISE)), maxlen=lines)
+    except OSError:
+        return ""
+    return "\n".join(kept)
+
+
+# ------------------------------------------------------------------------------------------------
+# ssd-serve
+
+
+def _interrupt(*_):
+    raise KeyboardInterrupt
+
+
+def main(argv=None) -> None:
+    import click
+
+    @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+    @click.option("--model-repository", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_REPOSITORY,
+                  show_default=True, help="Model repository that `ssd-train export` wrote into.")
+    @click.option("--http-port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+                  help="0 picks a free port.")
+    @click.option("--grpc-port", type=click.IntRange(0, 65535), default=8001, show_default=True,
+                  help="0 picks a free port.")
+    @click.option("--metrics-port", type=click.IntRange(0, 65535), default=8002, show_default=True,
+                  help="0 picks a free port.")
+    @click.option("--host", default="127.0.0.1", show_default=True,
+                  help="Address of all three endpoints (0.0.0.0 to serve other machines).")
+    @click.option("--flavour", type=click.Choice(FLAVOURS), default="auto", show_default=True,
+                  help="gpu: the production repository on the NGC server; cpu: the derived CPU flavour on "
+                       "nvidia-pytriton's server; auto: gpu when that server and a GPU are there.")
+    @click.option("--startup-timeout", type=click.FloatRange(min=1), default=600.0, show_default=True,
+                  help="Seconds to wait for all models to load.")
+    @click.option("--triton-arg", "triton_args", multiple=True, metavar="OPTION",
+                  help="An extra tritonserver option, e.g. --triton-arg=--log-verbose=1 (repeatable).")
+    def serve(model_repository, http_port, grpc_port, metrics_port, host, flavour, startup_timeout, triton_args):
+        """Serve the SSD300 ensemble with a real Triton Inference Server until Ctrl-C / SIGTERM."""
+        server = TritonServer(model_repository, host=host, http_port=http_port, grpc_port=grpc_port,
+                              metrics_port=metrics_port, flavour=flavour, startup_timeout=startup_timeout,
+                              extra_args=triton_args)
+        signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops like Ctrl-C does
+        try:
+            click.echo(f"starting tritonserver on {model_repository} ...", err=True)
+            server.start()
+            click.echo(f"serving {', '.join(server.models)} ({server.flavour} flavour)\n"
+                       f"  HTTP     {server.http_url}\n  gRPC     {server.grpc_url}\n"
+                       f"  metrics  {server.metrics_url}\n  model    {io.ENSEMBLE}\nCtrl-C to stop.")
+            code = server.wait()
+            raise ServeError(f"tritonserver exited with code {code}; its log ends with:\n{server.log_tail()}")
+        except KeyboardInterrupt:
+            click.echo("stopping ...", err=True)
+        except ServeError as err:
+            raise click.ClickException(str(err)) from None
+        finally:
+            server.stop()
+
+    serve.main(args=argv, prog_name="ssd-serve")

@@ -1,0 +1,194 @@
+"""`ssd_train.export`: a checkpoint -> TorchScript (fp32, fp16), ONNX and the label map of a model
+repository, each verified against the eager model before it is written."""
+
+from __future__ import annotations
+
+import io as bytes_io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+from PIL import Image
+
+from ssd_train.checkpoint import load_for_inference
+from ssd_train.data.dali import Preprocessor
+from ssd_train.export import (PACKAGE_REPOSITORY, ExportError, export_model_repository, install_configs,
+                              sample_batch, write_torchscript)
+from ssd_train.serving import io
+
+DATA_DIR = Path(skimage.data.__file__).parent  # real photos shipped with scikit-image
+pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*:FutureWarning")  # torch 2.9+ deprecation notes
+
+
+def photos() -> list[bytes]:
+    """Real JPEG and PNG photos of different sizes."""
+    chelsea = bytes_io.BytesIO()
+    Image.fromarray(skimage.data.chelsea()).save(chelsea, format="JPEG", quality=90)
+    return [(DATA_DIR / "rocket.jpg").read_bytes(), (DATA_DIR / "astronaut.png").read_bytes(), chelsea.getvalue()]
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got - expected).abs().max() / expected.abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def photo_batch() -> torch.Tensor:
+    pixels, _ = Preprocessor(batch_size=4)(photos())
+    return torch.from_numpy(pixels)
+
+
+@pytest.fixture(scope="module")
+def eager(tiny_checkpoint):
+    model, label_map, _ = load_for_inference(tiny_checkpoint)
+    return model, label_map
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_checkpoint, tmp_path_factory):
+    """fp32 TorchScript + ONNX exported into an empty directory."""
+    repository = tmp_path_factory.mktemp("export") / "repository"
+    written = export_model_repository(tiny_checkpoint, repository, precisions=["fp32"], onnx=True)
+    return repository, written
+
+
+def test_export_writes_weights_labels_and_the_configs(exported, eager):
+    repository, written = exported
+    _, label_map = eager
+    expected = {repository / io.MODEL_FP32 / "1" / io.TORCHSCRIPT_FILE,
+                repository / io.MODEL_FP32 / "1" / io.ONNX_FILE,
+                repository / io.POSTPROCESS / "1" / io.LABELS_FILE,
+                repository / io.PREPROCESS / "1" / "dali.py",
+                repository / io.POSTPROCESS / "1" / "model.py",
+                *(repository / name / "config.pbtxt" for name in io.MODELS)}
+    assert set(written) == expected
+    assert all(path.is_file() for path in written)
+    for name in io.MODELS:  # copies of the package's files
+        assert (repository / name / "config.pbtxt").read_bytes() == (PACKAGE_REPOSITORY / name / "config.pbtxt").read_bytes()
+        assert (repository / name / "1").is_dir()
+    assert not (repository / io.MODEL_FP16 / "1" / io.TORCHSCRIPT_FILE).exists()
+    assert json.loads((repository / io.POSTPROCESS / "1" / io.LABELS_FILE).read_text()) == label_map.to_json()
+    assert not list(repository.rglob("*.tmp"))
+
+
+def test_torchscript_matches_eager_on_real_photos(exported, eager, photo_batch):
+    repository, _ = exported
+    model, label_map = eager
+    traced = torch.jit.load(str(repository / io.MODEL_FP32 / "1" / io.TORCHSCRIPT_FILE))
+    with torch.no_grad():
+        locs, scores = traced(photo_batch)  # 3 images; traced with 1
+        expected_locs, expected_scores = model(photo_batch)
+    assert locs.shape == (3, 4, 8732) and scores.shape == (3, label_map.num_classes, 8732)
+    assert locs.dtype == scores.dtype == torch.float32
+    assert relative_error(locs, expected_locs) < 1e-4
+    assert relative_error(scores, expected_scores) < 1e-4
+
+
+def test_onnx_is_valid_and_matches_torchscript(exported, photo_batch):
+    import onnx
+
+    ort = pytest.importorskip("onnxruntime")
+    repository, _ = exported
+    path = repository / io.MODEL_FP32 / "1" / io.ONNX_FILE
+    onnx.checker.check_model(str(path), full_check=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == [io.MODEL_INPUT]
+    assert [o.name for o in session.get_outputs()] == [io.MODEL_LOCS, io.MODEL_SCORES]
+    locs, scores = session.run(None, {io.MODEL_INPUT: photo_batch.numpy()})
+    traced = torch.jit.load(str(repository / io.MODEL_FP32 / "1" / io.TORCHSCRIPT_FILE))
+    with torch.no_grad():
+        expected = traced(photo_batch)
+    assert relative_error(torch.from_numpy(locs), expected[0]) < 1e-4
+    assert relative_error(torch.from_numpy(scores), expected[1]) < 1e-4
+
+
+@pytest.mark.slow
+def test_fp16_export_casts_inside_and_stays_close_to_fp32(tiny_checkpoint, tmp_path, eager, photo_batch):
+    """fp16 on a CPU: slow (tens of seconds) but supported; the GPU is where it pays."""
+    model, _ = eager
+    written = export_model_repository(tiny_checkpoint, tmp_path, precisions=["fp16"])
+    path = tmp_path / io.MODEL_FP16 / "1" / io.TORCHSCRIPT_FILE
+    assert path in written and not (tmp_path / io.MODEL_FP32 / "1" / io.TORCHSCRIPT_FILE).exists()
+    traced = torch.jit.load(str(path))
+    assert {p.dtype for p in traced.parameters()} == {torch.float16}
+    with torch.no_grad():
+        locs, scores = traced(photo_batch[:1])
+        expected = model(photo_batch[:1])
+    assert locs.dtype == scores.dtype == torch.float32
+    assert relative_error(locs, expected[0]) < 1e-2
+    assert relative_error(scores, expected[1]) < 1e-2
+
+
+class ScalesByBatchSize(torch.nn.Module):
+    """A real tracing pitfall: Python arithmetic on a tensor's size is frozen into the trace."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images):
+        locs, scores = self.model(images)
+        return locs * float(images.shape[0]), scores
+
+
+def test_a_trace_that_disagrees_with_eager_is_an_error_and_writes_nothing(eager, tmp_path):
+    model, _ = eager
+    module = ScalesByBatchSize(model).eval()
+    sample = sample_batch()  # 2 images; the trace sees 1
+    path = tmp_path / io.MODEL_FP32 / "1" / io.TORCHSCRIPT_FILE
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"previous export")
+    with torch.no_grad(), pytest.raises(ExportError, match="disagrees with eager") as error:
+        write_torchscript(module, "fp32", sample, module(sample), path)
+    assert "\n" not in str(error.value)
+    assert path.read_bytes() == b"previous export"
+    assert [p.name for p in path.parent.iterdir()] == [io.TORCHSCRIPT_FILE]
+
+
+def test_existing_configs_are_kept_and_missing_ones_copied(tmp_path):
+    repository = tmp_path / "repository"
+    (repository / io.ENSEMBLE).mkdir(parents=True)
+    tuned = 'name: "ssd300"  # tuned by hand\n'
+    (repository / io.ENSEMBLE / "config.pbtxt").write_text(tuned)
+    written = install_configs(repository)
+    assert (repository / io.ENSEMBLE / "config.pbtxt").read_text() == tuned
+    assert repository / io.ENSEMBLE / "config.pbtxt" not in written
+    assert repository / io.PREPROCESS / "1" / "dali.py" in written
+    assert all((repository / name / "1").is_dir() for name in io.MODELS)
+    assert install_configs(repository) == []  # nothing left to copy
+
+
+def test_a_repository_without_configs_needs_the_package_ones(tmp_path):
+    with pytest.raises(ExportError, match="no config.pbtxt"):
+        install_configs(tmp_path / "repository", source=tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("case", ["precision", "missing", "not a checkpoint", "backbone"])
+def test_bad_requests_are_one_line_export_errors(case, tiny_checkpoint, tmp_path):
+    checkpoint, options = tiny_checkpoint, {}
+    if case == "precision":
+        options["precisions"] = ["int8"]
+    elif case == "missing":
+        checkpoint = tmp_path / "nothing.pt"
+    elif case == "not a checkpoint":
+        checkpoint = tmp_path / "photo.pt"
+        shutil.copy(DATA_DIR / "rocket.jpg", checkpoint)
+    else:
+        options["backbone"] = "resnet50"  # the checkpoint holds resnet18 weights
+    with pytest.raises(ExportError) as error:
+        export_model_repository(checkpoint, tmp_path / "repository", **options)
+    assert "\n" not in str(error.value)
+    assert not list((tmp_path / "repository").rglob("*.pt"))
+
+
+def test_export_rounds_preprocessing_through_the_served_pipeline():
+    """The verification input is the DALI preprocessing's output, not random numbers."""
+    batch = sample_batch()
+    assert batch.shape == (2, 3, io.INPUT_SIZE, io.INPUT_SIZE) and batch.dtype == torch.float32
+    # ImageNet-normalised photos: per-channel means within a few std of zero, not all equal
+    means = batch.mean(dim=(2, 3))
+    assert torch.all(means.abs() < 3) and batch.std() > 0.1
+    assert not np.allclose(batch[0].numpy(), batch[1].numpy())

@@ -1,0 +1,228 @@
+"""The model repository's configs, production (GPU) and the derived CPU flavour: they parse with
+tritonclient's model_config_pb2, use exactly the names, types and shapes of ssd_train.serving.io,
+wire the ensemble consistently, and the two flavours agree."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+from tritonclient.grpc import model_config_pb2 as mc
+
+from ssd_train.boxes import MAX_DETECTIONS, SSD300
+from ssd_train.export import PACKAGE_REPOSITORY
+from ssd_train.serving import cpu_flavour, io
+from ssd_train.serving.cpu_flavour import ConfigError, derive_cpu_repository, model_kind, read_config
+
+BOXES = SSD300.num_boxes
+FP32, INT32, UINT8 = mc.TYPE_FP32, mc.TYPE_INT32, mc.TYPE_UINT8
+SIZE = io.INPUT_SIZE
+DETECTIONS = [
+    (io.DETECTION_BOXES, FP32, [MAX_DETECTIONS, 4]),
+    (io.DETECTION_SCORES, FP32, [MAX_DETECTIONS]),
+    (io.DETECTION_CLASSES, INT32, [MAX_DETECTIONS]),
+    (io.NUM_DETECTIONS, INT32, [1]),
+]
+MODEL_IO = (
+    [(io.MODEL_INPUT, FP32, [3, SIZE, SIZE])],
+    [(io.MODEL_LOCS, FP32, [4, BOXES]), (io.MODEL_SCORES, FP32, [-1, BOXES])],
+)
+# (inputs, outputs) of each model: (name, type, dims) in config order.
+SIGNATURES = {
+    io.PREPROCESS: ([(io.IMAGE, UINT8, [-1])],
+                    [(io.PREPROCESSED_IMAGE, FP32, [3, SIZE, SIZE]), (io.IMAGE_SIZE, INT32, [2])]),
+    io.MODEL_FP32: MODEL_IO,
+    io.MODEL_FP16: MODEL_IO,
+    io.POSTPROCESS: ([(io.LOCS, FP32, [4, BOXES]), (io.SCORES, FP32, [-1, BOXES]), (io.IMAGE_SIZE, INT32, [2])],
+                     DETECTIONS),
+    io.ENSEMBLE: ([(io.IMAGE, UINT8, [-1])], DETECTIONS),
+}
+KINDS = {io.PREPROCESS: "dali", io.MODEL_FP32: "pytorch_libtorch", io.MODEL_FP16: "pytorch_libtorch",
+         io.POSTPROCESS: "python", io.ENSEMBLE: "ensemble"}
+
+
+def signature(config) -> tuple[list, list]:
+    return ([(t.name, t.data_type, list(t.dims)) for t in config.input],
+            [(t.name, t.data_type, list(t.dims)) for t in config.output])
+
+
+def configs(repository: Path) -> dict:
+    return {name: read_config(repository / name / "config.pbtxt") for name in io.MODELS
+            if (repository / name / "config.pbtxt").exists()}
+
+
+@pytest.fixture(scope="module")
+def production():
+    return configs(PACKAGE_REPOSITORY)
+
+
+def fake_export(tmp_path: Path, precisions=("fp32", "fp16")) -> Path:
+    """A copy of the production repository with placeholder artifacts (derivation only links them)."""
+    repository = tmp_path / "production"
+    shutil.copytree(PACKAGE_REPOSITORY, repository, ignore=shutil.ignore_patterns("*.pt", "*.json", "__pycache__"))
+    for precision in precisions:
+        (repository / io.model_name(precision) / "1").mkdir(parents=True, exist_ok=True)
+        (repository / io.model_name(precision) / "1" / io.TORCHSCRIPT_FILE).write_bytes(precision.encode())
+    (repository / io.POSTPROCESS / "1" / io.LABELS_FILE).write_text("[]")
+    return repository
+
+
+@pytest.fixture(scope="module")
+def cpu(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cpu_flavour")
+    production = fake_export(tmp)
+    target = tmp / "cpu"
+    names = derive_cpu_repository(production, target)
+    return production, target, names, configs(target)
+
+
+def test_repository_holds_exactly_the_io_models():
+    assert sorted(p.name for p in PACKAGE_REPOSITORY.iterdir() if p.is_dir()) == sorted(io.MODELS)
+
+
+@pytest.mark.parametrize("name", io.MODELS)
+def test_production_config_uses_io_names_types_and_shapes(production, name):
+    config = production[name]
+    assert config.name == name
+    assert model_kind(config) == KINDS[name]
+    assert signature(config) == SIGNATURES[name]
+    assert config.max_batch_size == io.MAX_BATCH_SIZE >= 64
+
+
+@pytest.mark.parametrize("name", [n for n in io.MODELS if n != io.ENSEMBLE])
+def test_production_models_batch_dynamically_on_the_gpu(production, name):
+    config = production[name]
+    assert config.HasField("dynamic_batching")
+    assert [g.kind for g in config.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
+
+
+def test_preprocess_batches_images_of_different_lengths(production):
+    (image,) = production[io.PREPROCESS].input
+    assert image.allow_ragged_batch
+
+
+def test_postprocess_takes_tensors_where_they_are(production):
+    parameters = production[io.POSTPROCESS].parameters
+    assert parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
+
+
+def ensemble_wiring(all_configs: dict) -> list[str]:
+    """Walk the ensemble's steps checking each mapping against the models' own signatures; returns
+    the step models in order."""
+    ensemble = all_configs[io.ENSEMBLE]
+    tensors = {t.name: (t.data_type, list(t.dims)) for t in ensemble.input}
+    steps = []
+    for step in ensemble.ensemble_scheduling.step:
+        model = all_configs[step.model_name]
+        inputs = {t.name: (t.data_type, list(t.dims)) for t in model.input}
+        outputs = {t.name: (t.data_type, list(t.dims)) for t in model.output}
+        assert set(step.input_map) == set(inputs), step.model_name
+        for model_input, tensor in step.input_map.items():
+            assert tensors[tensor] == inputs[model_input], (step.model_name, model_input)
+        assert set(step.output_map) <= set(outputs)
+        for model_output, tensor in step.output_map.items():
+            assert tensor not in tensors, f"{tensor} produced twice"
+            tensors[tensor] = outputs[model_output]
+        steps.append(step.model_name)
+    for output in ensemble.output:
+        assert tensors[output.name] == (output.data_type, list(output.dims))
+    return steps
+
+
+def test_production_ensemble_wiring_runs_fp16(production):
+    assert ensemble_wiring(production) == [io.PREPROCESS, io.MODEL_FP16, io.POSTPROCESS]
+
+
+def test_dali_model_has_exactly_one_autoserialize_pipeline():
+    """What the DALI backend does at load time, up to serialisation (which needs a GPU)."""
+    from nvidia.dali._utils.autoserialize import _discover_autoserialize
+
+    spec = importlib.util.spec_from_file_location("ssd300_dali_model", PACKAGE_REPOSITORY / io.PREPROCESS / "1" / "dali.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert [f.__name__ for f in _discover_autoserialize(module, visited=[])] == [io.PREPROCESS]
+
+
+@pytest.mark.cuda
+def test_dali_model_autoserializes_and_runs_on_gpu(tmp_path):
+    pytest.importorskip("nvidia.dali")
+    import numpy as np
+    import torch
+    from nvidia.dali import Pipeline
+    from nvidia.dali._utils.autoserialize import invoke_autoserialize
+
+    from ssd_train.export import sample_images
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    spec = importlib.util.spec_from_file_location("ssd300_dali_model", PACKAGE_REPOSITORY / io.PREPROCESS / "1" / "dali.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    invoke_autoserialize(module, str(tmp_path / io.DALI_FILE))
+    pipe = Pipeline.deserialize(filename=str(tmp_path / io.DALI_FILE), device_id=0)
+    pipe.build()
+    pipe.feed_input(io.IMAGE, [np.frombuffer(b, np.uint8) for b in sample_images()])
+    images, sizes = pipe.run()
+    assert images.as_cpu().as_array().shape == (2, 3, SIZE, SIZE)
+    assert sizes.as_array().tolist() == [[480, 640], [375, 260]]
+
+
+def test_config_errors_are_one_line(tmp_path):
+    bad = tmp_path / "config.pbtxt"
+    bad.write_text('name: "x"\nbackend: "python"\nmax_batch_sise: 4\n')
+    with pytest.raises(ConfigError, match="not a valid model config"):
+        read_config(bad)
+    with pytest.raises(ConfigError, match="cannot read"):
+        read_config(tmp_path / "missing.pbtxt")
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU flavour
+
+
+@pytest.mark.parametrize("name", io.MODELS)
+def test_cpu_flavour_agrees_with_production(production, cpu, name):
+    _, _, _, cpu_configs = cpu
+    derived, original = cpu_configs[name], production[name]
+    assert derived.name == name
+    assert signature(derived) == signature(original) == SIGNATURES[name]
+    assert derived.max_batch_size == original.max_batch_size
+    assert derived.dynamic_batching == original.dynamic_batching
+    assert [i.allow_ragged_batch for i in derived.input] == [i.allow_ragged_batch for i in original.input]
+    if name == io.ENSEMBLE:
+        assert model_kind(derived) == "ensemble"
+    else:
+        assert model_kind(derived) == "python"
+        assert [g.kind for g in derived.instance_group] == [mc.ModelInstanceGroup.KIND_CPU]
+
+
+def test_cpu_flavour_ensemble_runs_fp32(cpu):
+    _, _, names, cpu_configs = cpu
+    assert names[-1] == io.ENSEMBLE and sorted(names) == sorted(io.MODELS)
+    assert ensemble_wiring(cpu_configs) == [io.PREPROCESS, io.MODEL_FP32, io.POSTPROCESS]
+
+
+def test_cpu_flavour_reuses_production_code_and_weights(cpu):
+    production, target, _, _ = cpu
+    for name in (io.MODEL_FP32, io.MODEL_FP16):
+        assert (target / name / "1" / io.TORCHSCRIPT_FILE).resolve() == (production / name / "1" / io.TORCHSCRIPT_FILE).resolve()
+    for file in ("model.py", io.LABELS_FILE):
+        assert (target / io.POSTPROCESS / "1" / file).resolve() == (production / io.POSTPROCESS / "1" / file).resolve()
+    # Generated model.py files import an existing class of cpu_models (which imports only in a stub).
+    classes = {node.name for node in ast.parse(Path(cpu_flavour.__file__).with_name("cpu_models.py").read_text()).body
+               if isinstance(node, ast.ClassDef)}
+    for name in (io.PREPROCESS, io.MODEL_FP32, io.MODEL_FP16):
+        (statement,) = [n for n in ast.parse((target / name / "1" / "model.py").read_text()).body]
+        assert statement.module == "ssd_train.serving.cpu_models"
+        assert statement.names[0].name in classes and statement.names[0].asname == "TritonPythonModel"
+
+
+def test_cpu_flavour_leaves_out_models_without_weights(tmp_path):
+    production = fake_export(tmp_path, precisions=("fp32",))
+    names = derive_cpu_repository(production, tmp_path / "cpu")
+    assert names == [io.PREPROCESS, io.MODEL_FP32, io.POSTPROCESS, io.ENSEMBLE]
+    assert not (tmp_path / "cpu" / io.MODEL_FP16).exists()
+
