@@ -2,57 +2,16 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ssd_train.data.layout import CocoSplit, DatasetError, load_annotations
 from ssd_train.labels import LabelMap, LabelMapError
 
-
-class DatasetError(ValueError):
-    """A dataset that is missing, malformed or does not fit the model."""
-
-
-@dataclass(frozen=True)
-class CocoSplit:
-    """Where one split of a COCO-layout dataset lives."""
-
-    root: Path
-    split: str
-
-    @property
-    def annotation_file(self) -> Path:
-        return self.root / "annotations" / f"instances_{self.split}.json"
-
-    @property
-    def image_dir(self) -> Path:
-        return self.root / self.split
-
-    def check(self) -> "CocoSplit":
-        if not self.root.is_dir():
-            raise DatasetError(f"dataset directory not found: {self.root}")
-        if not self.annotation_file.is_file():
-            raise DatasetError(f"not a COCO-layout dataset: {self.annotation_file} is missing "
-                               f"(expected DIR/annotations/instances_{self.split}.json and DIR/{self.split}/)")
-        if not self.image_dir.is_dir():
-            raise DatasetError(f"not a COCO-layout dataset: image folder {self.image_dir} is missing")
-        return self
-
-
-def load_annotations(split: CocoSplit) -> dict:
-    split.check()
-    try:
-        data = json.loads(split.annotation_file.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise DatasetError(f"cannot read {split.annotation_file}: {err}") from None
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key), list):
-            raise DatasetError(f"{split.annotation_file} is not a COCO instances file: no '{key}' list")
-    return data
+__all__ = ["CocoDetection", "CocoImages", "CocoSplit", "DatasetError", "dataset_label_map", "load_annotations"]
 
 
 def dataset_label_map(data: dict, expected: LabelMap | None, source: Path) -> LabelMap:

@@ -1,0 +1,130 @@
+"""`ssd-client`: detections and COCO mAP from the SSD300 ensemble served by Triton. Thin: parse, call, report."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import click
+
+from ssd_client.aio import DEFAULT_CONCURRENCY
+from ssd_client.errors import SSDClientError
+from ssd_client.protocol import DEFAULT_TIMEOUT, PROTOCOLS
+from ssd_train.serving import io
+
+
+def user_errors(func):
+    """The client's errors are messages for the user: one line, no traceback."""
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except SSDClientError as err:
+            raise click.ClickException(str(err)) from None
+    return wrapper
+
+
+def server_options(func):
+    options = [
+        click.option("--url", default=None, help="Server host:port [default: localhost:8000 (http), :8001 (grpc)]."),
+        click.option("--protocol", type=click.Choice(PROTOCOLS), default="http", show_default=True),
+        click.option("--model", default=io.ENSEMBLE, show_default=True, help="Served model to call."),
+        click.option("--timeout", default=DEFAULT_TIMEOUT, show_default=True, help="Seconds per request."),
+        click.option("--shared-memory", is_flag=True,
+                     help="Pass images and detections through system shared memory (server on this host)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def cli():
+    """Detect objects with the SSD300 served on Triton (start it with `ssd-serve`)."""
+
+
+@cli.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@server_options
+@click.option("--threshold", default=0.3, show_default=True, help="Minimum score to report.")
+@click.option("--labels", type=click.Path(dir_okay=False, path_type=Path),
+              help="labels.json of the served model (written by `ssd-train export`) [default: COCO].")
+@click.option("--json", "json_lines", is_flag=True, help="One JSON line per detection instead of a table.")
+@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write annotated copies of the images here.")
+@click.option("--batch-size", type=int, default=None, help="Images per request [default: the server's max batch].")
+@user_errors
+def detect(images, url, protocol, model, timeout, shared_memory, threshold, labels, json_lines, output_dir,
+           batch_size):
+    """Detect objects in IMAGES (files) through the server."""
+    from ssd_client.client import SSDClient
+
+    with SSDClient(url, protocol, model, timeout, labels, batch_size, shared_memory) as client:
+        found = client.detect([str(path) for path in images], threshold)
+    if json_lines:
+        for path, detections in zip(images, found):
+            for det in detections:
+                click.echo(json.dumps({"image": str(path), **det.to_dict()}))
+    else:
+        click.echo(format_table([str(path) for path in images], found))
+    if output_dir is not None:
+        write_annotated(images, found, output_dir)
+
+
+def format_table(names: list[str], found) -> str:
+    width = max(len("image"), *(len(name) for name in names))
+    lines = [f"{'image':<{width}}  {'category':<16} {'score':>6} {'x1':>8} {'y1':>8} {'x2':>8} {'y2':>8}"]
+    for name, detections in zip(names, found):
+        if not detections:
+            lines.append(f"{name:<{width}}  (no detections)")
+        for det in detections:
+            x1, y1, x2, y2 = det.box
+            lines.append(f"{name:<{width}}  {det.category_name:<16} {det.score:>6.3f} "
+                         f"{x1:>8.1f} {y1:>8.1f} {x2:>8.1f} {y2:>8.1f}")
+    return "\n".join(lines)
+
+
+def write_annotated(images, found, output_dir: Path) -> None:
+    from ssd_train.draw import save_annotated  # PIL only, shared with `ssd-train predict`
+
+    for path, detections in zip(images, found):
+        try:
+            out = save_annotated(Path(path).read_bytes(), [d.to_dict() for d in detections],
+                                 Path(output_dir) / Path(path).name)
+        except (OSError, ValueError) as err:
+            raise click.ClickException(f"cannot write the annotated copy of {path}: {err}") from None
+        click.echo(f"wrote {out}", err=True)
+
+
+@cli.command()
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="COCO-layout dataset directory.")
+@click.option("--split", default="val2017", show_default=True)
+@server_options
+@click.option("--concurrency", default=DEFAULT_CONCURRENCY, show_default=True, help="Requests in flight.")
+@click.option("--batch-size", default=None, type=int, help="Images per request [default: 8].")
+@click.option("--json-summary", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write mAP and the 12 COCO stats here (the keys of `ssd-train evaluate`).")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@user_errors
+def evaluate(data, split, url, protocol, model, timeout, shared_memory, concurrency, batch_size, json_summary,
+             progress):
+    """COCO bbox mAP of the served model on a split (every image goes through the server)."""
+    from ssd_client.evaluate import DEFAULT_BATCH_SIZE, evaluate_split
+    from ssd_train.coco_eval import write_summary
+
+    result = evaluate_split(data, split, url, protocol, concurrency, batch_size or DEFAULT_BATCH_SIZE, progress,
+                            model=model, timeout=timeout, shared_memory=shared_memory)
+    click.echo(result["summary"].rstrip())
+    click.echo(f"mAP {result['mAP']:.4f} ({result['images']} images, {result['detections']} detections "
+               f"from {model} at {result['url']} over {protocol})")
+    if json_summary:
+        write_summary(json_summary, result, split=split, model=model, url=result["url"])
+
+
+def main():
+    cli(prog_name="ssd-client")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,660 @@
+"""ssd_client: input normalisation, padding, batching, model checks, response parsing, label names and
+shared memory (no server), then detection through a real Triton server (slow)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skimage.data
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from PIL import Image
+from tritonclient.grpc import service_pb2
+from tritonclient.utils import InferenceServerException
+
+from ssd_client import (AsyncSSDClient, ImageError, InferenceError, ModelMismatchError, ModelNotFoundError,
+                        ServerUnavailableError, SSDClient, SSDClientError)
+from ssd_client import protocol as wire
+from ssd_client.images import (as_image_list, chunks, encode_image, encode_images, EncodedImage, image_name,
+                               pad_batch)
+from ssd_client.shm import SharedMemorySlot, unique_prefix
+from ssd_train.boxes import MAX_DETECTIONS
+from ssd_train.labels import LabelMap
+from ssd_train.serving import io as sio
+
+DATA_DIR = Path(skimage.data.__file__).parent  # real photos shipped with scikit-image
+
+
+def decode(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def test_the_client_does_not_import_torch():
+    code = ("import sys, ssd_client, ssd_client.cli, ssd_client.evaluate, ssd_train.draw; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+# ----------------------------------------------------------------------------------- input normalisation
+def test_single_images_and_sequences_become_lists():
+    photo = skimage.data.astronaut()
+    assert len(as_image_list(str(DATA_DIR / "rocket.jpg"))) == 1
+    assert len(as_image_list(DATA_DIR / "rocket.jpg")) == 1
+    assert len(as_image_list(b"\xff\xd8")) == 1
+    assert len(as_image_list(photo)) == 1
+    assert len(as_image_list(skimage.data.camera())) == 1  # 2-D gray
+    assert len(as_image_list(Image.fromarray(photo))) == 1
+    assert len(as_image_list(np.stack([photo, photo, photo]))) == 3  # B x H x W x 3 batch
+    assert len(as_image_list([photo, DATA_DIR / "rocket.jpg"])) == 2
+    assert len(as_image_list(p for p in [photo])) == 1
+    with pytest.raises(ImageError, match="expected an image"):
+        as_image_list(42)
+
+
+def test_encoded_files_pass_through_unchanged():
+    for name in ("rocket.jpg", "astronaut.png"):
+        path = DATA_DIR / name
+        encoded = encode_image(path, image_name(path, 0))
+        assert encoded.data == path.read_bytes()
+        assert encoded.name == str(path)
+        assert encode_image(path.read_bytes(), "x").data == path.read_bytes()
+
+
+def test_arrays_and_pil_images_are_sent_as_lossless_png():
+    photo = skimage.data.chelsea()
+    encoded = encode_image(photo, "cat")
+    assert encoded.data[:8] == b"\x89PNG\r\n\x1a\n"
+    np.testing.assert_array_equal(decode(encoded.data), photo)
+    rgba = np.dstack([photo, np.full(photo.shape[:2], 128, np.uint8)])
+    np.testing.assert_array_equal(decode(encode_image(Image.fromarray(rgba), "rgba").data), photo)
+    gray = skimage.data.camera()
+    with Image.open(io.BytesIO(encode_image(gray, "gray").data)) as img:
+        np.testing.assert_array_equal(np.asarray(img), gray)
+
+
+def test_formats_the_server_cannot_decode_are_reencoded():
+    gif = DATA_DIR / "no_time_for_that_tiny.gif"
+    encoded = encode_image(gif, str(gif))
+    assert encoded.data[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(gif) as img:
+        np.testing.assert_array_equal(decode(encoded.data), np.asarray(img.convert("RGB")))
+
+
+def test_names_follow_positions_for_unnamed_images():
+    photo = skimage.data.coffee()
+    encoded = encode_images([photo, DATA_DIR / "rocket.jpg", photo], start=10)
+    assert [e.name for e in encoded] == ["image 10", str(DATA_DIR / "rocket.jpg"), "image 12"]
+
+
+@pytest.mark.parametrize("image, message", [
+    (b"", "empty image data"),
+    (b"definitely not an image", "not a readable image"),
+    (np.zeros((4, 4, 3), np.float32), "must be uint8"),
+    (np.zeros((4, 4, 5), np.uint8), "must be HxWx3"),
+    (np.zeros((0, 4, 3), np.uint8), "must be HxWx3"),
+    (3.5, "unsupported image type"),
+])
+def test_unreadable_inputs_raise_image_error_naming_them(image, message):
+    with pytest.raises(ImageError, match=f"^bad one: .*{message}"):
+        encode_image(image, "bad one")
+
+
+def test_missing_truncated_and_non_image_files_name_the_path(tmp_path):
+    with pytest.raises(ImageError, match=f"^{tmp_path / 'missing.jpg'}: no such file"):
+        encode_images([tmp_path / "missing.jpg"])
+    with pytest.raises(ImageError, match="cannot read it"):
+        encode_images([tmp_path])
+    text = tmp_path / "notes.jpg"
+    text.write_text("hello")
+    with pytest.raises(ImageError, match=f"^{text}: not a readable image"):
+        encode_images([text])
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes((DATA_DIR / "astronaut.png").read_bytes()[:5000])
+    with pytest.raises(ImageError, match=f"^{truncated}: not a readable image"):
+        encode_images([truncated])
+
+
+# --------------------------------------------------------------------------------------- padding, batching
+def test_pad_batch_zero_pads_to_the_longest_image():
+    images = [EncodedImage("a", b"\x01\x02\x03"), EncodedImage("b", b"\x04"), EncodedImage("c", b"\x05\x06")]
+    batch = pad_batch(images)
+    assert batch.dtype == np.uint8 and batch.shape == (3, 3)
+    np.testing.assert_array_equal(batch, [[1, 2, 3], [4, 0, 0], [5, 6, 0]])
+    with pytest.raises(ValueError):
+        pad_batch([])
+
+
+def test_chunks_split_at_the_max_batch_size():
+    items = list(range(130))
+    split = chunks(items, 64)
+    assert [start for start, _ in split] == [0, 64, 128]
+    assert [len(c) for _, c in split] == [64, 64, 2]
+    assert [x for _, c in split for x in c] == items
+    assert chunks(items[:3], 64) == [(0, [0, 1, 2])]
+    assert chunks([], 4) == []
+    with pytest.raises(ValueError):
+        chunks(items, 0)
+
+
+# ------------------------------------------------------------------------------------------ URLs, labels
+@pytest.mark.parametrize("url, protocol, expected", [
+    (None, "http", "localhost:8000"),
+    (None, "grpc", "localhost:8001"),
+    ("http://127.0.0.1:9000/", "http", "127.0.0.1:9000"),
+    ("grpc://server:9001", "grpc", "server:9001"),
+    ("server", "grpc", "server:8001"),
+    ("localhost:8000", "http", "localhost:8000"),
+])
+def test_urls_are_normalised(url, protocol, expected):
+    assert wire.normalise_url(url, protocol) == expected
+
+
+def test_unknown_protocol_and_https_are_refused():
+    with pytest.raises(SSDClientError, match="unknown protocol 'ftp'"):
+        wire.check_protocol("ftp")
+    with pytest.raises(SSDClientError, match="https"):
+        wire.normalise_url("https://x:1", "http")
+
+
+def test_label_maps_default_to_coco_and_load_exported_labels(tmp_path):
+    assert wire.resolve_label_map(None) == LabelMap.coco()
+    custom = LabelMap(((7, "circle"), (3, "square")))
+    custom.save(tmp_path / sio.LABELS_FILE)
+    assert wire.resolve_label_map(tmp_path / sio.LABELS_FILE) == custom
+    assert wire.resolve_label_map(custom) is custom
+    with pytest.raises(SSDClientError, match="cannot read label map"):
+        wire.resolve_label_map(tmp_path / "missing.json")
+
+
+# ------------------------------------------------------------------------------------------ model checks
+def ensemble_metadata(grpc_style: bool = False, **changes) -> dict:
+    """Model metadata as Triton answers it for the ensemble (gRPC's JSON writes int64 dims as strings)."""
+    dim = str if grpc_style else int
+    tensors = {
+        "inputs": [(sio.IMAGE, "UINT8", [-1, -1])],
+        "outputs": [(sio.DETECTION_BOXES, "FP32", [-1, MAX_DETECTIONS, 4]),
+                    (sio.DETECTION_SCORES, "FP32", [-1, MAX_DETECTIONS]),
+                    (sio.DETECTION_CLASSES, "INT32", [-1, MAX_DETECTIONS]),
+                    (sio.NUM_DETECTIONS, "INT32", [-1, 1])],
+    }
+    for name, spec in changes.items():
+        for kind in tensors.values():
+            for i, entry in enumerate(kind):
+                if entry[0] == name:
+                    kind[i] = spec if spec is None else (name, *spec)
+    return {"name": sio.ENSEMBLE, "versions": ["1"], "platform": "ensemble",
+            **{kind: [{"name": n, "datatype": d, "shape": [dim(s) for s in shape]}
+                      for n, d, shape in (e for e in entries if e is not None)]
+               for kind, entries in tensors.items()}}
+
+
+@pytest.mark.parametrize("grpc_style", [False, True])
+def test_check_model_accepts_the_ensemble(grpc_style):
+    config = {"config": {"max_batch_size": 64}} if grpc_style else {"max_batch_size": 64}
+    spec = wire.check_model(sio.ENSEMBLE, ensemble_metadata(grpc_style), wire.as_json(config))
+    assert spec.max_batch_size == 64
+    assert spec.output_shapes[sio.DETECTION_BOXES] == (MAX_DETECTIONS, 4)
+    assert spec.output_byte_sizes(2)[sio.DETECTION_BOXES] == 2 * MAX_DETECTIONS * 4 * 4
+    assert spec.output_byte_sizes(3)[sio.NUM_DETECTIONS] == 3 * 4
+
+
+@pytest.mark.parametrize("changes, config, message", [
+    ({sio.DETECTION_SCORES: None}, {"max_batch_size": 8}, f"no output {sio.DETECTION_SCORES}"),
+    ({sio.DETECTION_CLASSES: ("INT64", [-1, 200])}, {"max_batch_size": 8}, "is INT64, expected INT32"),
+    ({sio.IMAGE: ("FP32", [-1, 3, 300, 300])}, {"max_batch_size": 8}, "input IMAGE is FP32"),
+    ({sio.DETECTION_BOXES: ("FP32", [-1, 200, 5])}, {"max_batch_size": 8}, "per-image shape"),
+    ({sio.DETECTION_SCORES: ("FP32", [-1, 100])}, {"max_batch_size": 8}, "per-image shape"),
+    ({}, {}, "does not batch"),
+])
+def test_check_model_rejects_other_models(changes, config, message):
+    with pytest.raises(ModelMismatchError, match=message):
+        wire.check_model("other", ensemble_metadata(**changes), config)
+
+
+def test_model_not_found_lists_what_is_served_or_why_not_ready():
+    http_index = [{"name": sio.ENSEMBLE, "version": "1", "state": "READY"},
+                  {"name": sio.POSTPROCESS, "version": "1", "state": "UNAVAILABLE", "reason": "load failed"}]
+    err = wire.model_not_found("yolo", "h:1", http_index)
+    assert isinstance(err, ModelNotFoundError)
+    assert f"'yolo' is not served by h:1 (models: {sio.ENSEMBLE}, {sio.POSTPROCESS})" in str(err)
+    err = wire.model_not_found(sio.POSTPROCESS, "h:1", {"models": http_index})  # gRPC's shape
+    assert "is not ready (state UNAVAILABLE: load failed)" in str(err)
+    assert "(models: none)" in str(wire.model_not_found("x", "h:1", {}))
+
+
+def test_server_errors_become_client_errors():
+    unavailable = InferenceServerException("connection refused", status="StatusCode.UNAVAILABLE")
+    deadline = InferenceServerException("deadline", status="StatusCode.DEADLINE_EXCEEDED")
+    rejected = InferenceServerException("decode failed\n  at line 3", status="400")
+    assert isinstance(wire.server_error(unavailable, "h:1", "grpc", "x"), ServerUnavailableError)
+    assert "timed out while detecting" in str(wire.server_error(deadline, "h:1", "grpc", "detecting"))
+    err = wire.server_error(rejected, "h:1", "http", "detecting in a.jpg")
+    assert isinstance(err, InferenceError) and "\n" not in str(err) and "a.jpg" in str(err)
+    assert isinstance(wire.server_error(ConnectionRefusedError(111, "refused"), "h:1", "http", "x"),
+                      ServerUnavailableError)
+    assert "timed out" in str(wire.server_error(TimeoutError(), "h:1", "http", "x"))
+
+
+# ------------------------------------------------------------------------------- requests and responses
+def fake_outputs(batch: int, counts: list[int], seed: int = 0) -> dict[str, np.ndarray]:
+    """Ensemble outputs as the server lays them out: padded to MAX_DETECTIONS, count per image."""
+    rng = np.random.default_rng(seed)
+    boxes = np.zeros((batch, MAX_DETECTIONS, 4), np.float32)
+    scores = np.zeros((batch, MAX_DETECTIONS), np.float32)
+    classes = np.zeros((batch, MAX_DETECTIONS), np.int32)
+    ids = np.array(LabelMap.coco().category_ids(), np.int32)
+    for i, n in enumerate(counts):
+        xy = rng.uniform(0, 200, (n, 2)).astype(np.float32)
+        boxes[i, :n] = np.concatenate([xy, xy + rng.uniform(1, 100, (n, 2)).astype(np.float32)], axis=1)
+        scores[i, :n] = np.sort(rng.uniform(0.05, 1, n).astype(np.float32))[::-1]
+        classes[i, :n] = rng.choice(ids, n)
+    return {sio.DETECTION_BOXES: boxes, sio.DETECTION_SCORES: scores, sio.DETECTION_CLASSES: classes,
+            sio.NUM_DETECTIONS: np.array(counts, np.int32).reshape(batch, 1)}
+
+
+def http_result(outputs: dict[str, np.ndarray]):
+    """A real tritonclient HTTP InferResult from a binary-data response body, as the server sends it."""
+    header = {"model_name": sio.ENSEMBLE, "outputs": [
+        {"name": name, "datatype": wire.OUTPUT_DTYPES[name], "shape": list(array.shape),
+         "parameters": {"binary_data_size": array.nbytes}} for name, array in outputs.items()]}
+    head = json.dumps(header).encode()
+    body = head + b"".join(array.tobytes() for array in outputs.values())
+    return httpclient.InferResult.from_response_body(body, header_length=len(head))
+
+
+def grpc_result(outputs: dict[str, np.ndarray]):
+    response = service_pb2.ModelInferResponse(model_name=sio.ENSEMBLE)
+    for name, array in outputs.items():
+        response.outputs.add(name=name, datatype=wire.OUTPUT_DTYPES[name], shape=list(array.shape))
+        response.raw_output_contents.append(array.tobytes())
+    return grpcclient.InferResult(response)
+
+
+def ensemble_spec(max_batch_size: int = 64) -> wire.ModelSpec:
+    return wire.check_model(sio.ENSEMBLE, ensemble_metadata(), {"max_batch_size": max_batch_size})
+
+
+def test_responses_parse_the_same_over_both_protocols():
+    outputs = fake_outputs(3, [5, 0, 200])
+    spec, coco = ensemble_spec(), LabelMap.coco()
+    parsed = wire.parse_response(http_result(outputs), 3, spec, coco)
+    assert parsed == wire.parse_response(grpc_result(outputs), 3, spec, coco)
+    assert [len(p) for p in parsed] == [5, 0, 200]
+    first = parsed[0][0]
+    assert first.box == tuple(float(v) for v in outputs[sio.DETECTION_BOXES][0, 0])
+    assert first.score == float(outputs[sio.DETECTION_SCORES][0, 0])
+    assert first.category_name == coco.names_by_id()[first.category_id]
+    assert first.to_dict()["box"] == list(first.box)
+
+
+def test_threshold_and_custom_label_names():
+    outputs = fake_outputs(1, [50], seed=3)
+    spec = ensemble_spec()
+    threshold = float(np.median(outputs[sio.DETECTION_SCORES][0, :50]))
+    kept = wire.parse_response(http_result(outputs), 1, spec, LabelMap.coco(), threshold)[0]
+    assert len(kept) == int((outputs[sio.DETECTION_SCORES][0, :50] >= threshold).sum())
+    assert all(d.score >= threshold for d in kept)
+    person_only = LabelMap(((1, "human"),))
+    named = wire.parse_response(http_result(outputs), 1, spec, person_only)[0]
+    assert {d.category_name for d in named if d.category_id == 1} <= {"human"}
+    assert all(d.category_name == f"category {d.category_id}" for d in named if d.category_id != 1)
+
+
+@pytest.mark.parametrize("tc", [httpclient, grpcclient])
+def test_requests_carry_the_padded_batch(tc):
+    batch = pad_batch(encode_images([DATA_DIR / "rocket.jpg", DATA_DIR / "astronaut.png"]))
+    inputs, outputs = wire.build_request(tc, batch)
+    assert [i.name() for i in inputs] == [sio.IMAGE]
+    assert inputs[0].shape() == list(batch.shape) and inputs[0].datatype() == "UINT8"
+    assert [o.name() for o in outputs] == list(wire.OUTPUT_DTYPES)
+
+
+# --------------------------------------------------------------------------------------- shared memory
+def test_shared_memory_slot_round_trip_and_cleanup():
+    spec = ensemble_spec(max_batch_size=4)
+    slot = SharedMemorySlot(spec, unique_prefix())
+    shm_files = [Path("/dev/shm") / r.key.lstrip("/") for r in slot.regions()]
+    assert all(f.exists() for f in shm_files)
+    batch = pad_batch(encode_images([DATA_DIR / "rocket.jpg", DATA_DIR / "astronaut.png"]))
+    assert slot.input_too_small(batch.nbytes)
+    region = slot.grow_input(batch.nbytes)
+    assert region.byte_size >= batch.nbytes and not slot.input_too_small(batch.nbytes)
+    name, size = slot.write_input(batch)
+    assert (name, size) == (region.name, batch.nbytes)
+    with open(Path("/dev/shm") / region.key.lstrip("/"), "rb") as f:  # what the server maps
+        assert f.read(batch.nbytes) == batch.tobytes()
+    # Outputs: write each where the request tells the server to, read them back through the parser.
+    outputs = fake_outputs(2, [3, 7])
+    with open(Path("/dev/shm") / slot.output.key.lstrip("/"), "r+b") as f:
+        for out_name, array in outputs.items():
+            region_name, byte_size, offset = slot.output_location(out_name, 2)
+            assert region_name == slot.output.name and byte_size == array.nbytes
+            assert offset + spec.output_byte_sizes(4)[out_name] <= slot.output.byte_size
+            f.seek(offset)
+            f.write(array.tobytes())
+    parsed = wire.parse_response(None, 2, spec, LabelMap.coco(), shm=slot)
+    assert parsed == wire.parse_response(http_result(outputs), 2, spec, LabelMap.coco())
+    shm_files.append(Path("/dev/shm") / region.key.lstrip("/"))
+    slot.close()
+    assert not any(f.exists() for f in shm_files)
+
+
+@pytest.mark.parametrize("tc", [httpclient, grpcclient])
+def test_shared_memory_requests_point_at_the_regions(tc):
+    spec = ensemble_spec(max_batch_size=4)
+    slot = SharedMemorySlot(spec, unique_prefix())
+    try:
+        batch = pad_batch(encode_images([DATA_DIR / "rocket.jpg"]))
+        slot.grow_input(batch.nbytes)
+        inputs, outputs = wire.build_request(tc, batch, slot)
+        params = inputs[0]._get_tensor()["parameters"] if tc is httpclient else inputs[0]._get_tensor().parameters
+        region = params["shared_memory_region"]
+        assert (region if tc is httpclient else region.string_param) == slot.input.name
+    finally:
+        slot.close()
+
+
+# ------------------------------------------------------------------------------- no server / dead server
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_server_down_is_one_clear_error(protocol):
+    url = f"127.0.0.1:{free_port()}"
+    with pytest.raises(ServerUnavailableError, match=f"cannot reach the Triton server at {url} \\({protocol}\\)"):
+        SSDClient(url, protocol, timeout=5)
+
+    async def connect():
+        async with AsyncSSDClient(url, protocol, timeout=5):
+            pass
+
+    with pytest.raises(ServerUnavailableError, match=f"cannot reach the Triton server at {url}"):
+        asyncio.run(connect())
+
+
+def test_a_server_that_never_answers_times_out():
+    with socket.socket() as listener:  # accepts connections, never replies
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        url = f"127.0.0.1:{listener.getsockname()[1]}"
+        with pytest.raises(ServerUnavailableError, match="timed out while checking liveness"):
+            SSDClient(url, "http", timeout=1)
+        with pytest.raises(ServerUnavailableError, match="timed out|cannot reach"):
+            SSDClient(url, "grpc", timeout=1)
+
+
+# ========================================================================================================
+# Through a real Triton server (the CPU flavour of an exported repository), started once for the module.
+SMALL_MAX_BATCH = 4  # the test repository's ensemble batches at most 4 images, so splitting is cheap to see
+
+
+def shrink_max_batch(repository: Path, max_batch_size: int) -> None:
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    path = repository / sio.ENSEMBLE / "config.pbtxt"
+    config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    config.max_batch_size = max_batch_size
+    path.write_text(text_format.MessageToString(config))
+
+
+class Served:
+    def __init__(self, server, root: Path):
+        self.server = server
+        self.http_url, self.grpc_url = server.http_url, server.grpc_url
+        self.dataset = root / "shapes"
+        self.checkpoint = root / "checkpoint.pt"
+        self.labels = root / "repository" / sio.POSTPROCESS / "1" / sio.LABELS_FILE
+
+    def url(self, protocol: str) -> str:
+        return self.http_url if protocol == "http" else self.grpc_url
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """Shapes val split, a random-weight resnet18 checkpoint with its label map (3 classes: random
+    weights then score many boxes above the 0.05 cut), exported and served. Its boxes are the default
+    boxes of the four coarser levels, which overlap the shapes: recall and mAP are small but not 0."""
+    import torch
+
+    from ssd_train.checkpoint import save_checkpoint
+    from ssd_train.data.shapes import make_shapes_dataset
+    from ssd_train.export import export_model_repository
+    from ssd_train.model import build_model
+    from ssd_train.serving.server import TritonServer
+
+    root = tmp_path_factory.mktemp("served")
+    make_shapes_dataset(root / "shapes", train=0, val=8, seed=0)
+    annotations = json.loads((root / "shapes" / "annotations" / "instances_val2017.json").read_text())
+    label_map = LabelMap.from_coco_categories(annotations["categories"])
+    torch.manual_seed(0)
+    model = build_model("resnet18", num_classes=label_map.num_classes)
+    with torch.no_grad():
+        for head in model.loc:  # zero box offsets: every detection is a default box
+            head.weight.zero_()
+            head.bias.zero_()
+        for head in model.conf[:2]:  # the two finest levels say background: their boxes are smaller than shapes
+            head.weight.zero_()
+            head.bias.zero_()
+            head.bias.view(label_map.num_classes, -1)[0] = 20.0  # channels are class-major (SSD300.forward)
+    save_checkpoint(root / "checkpoint.pt", {"model": model.state_dict(), "label_map": label_map.to_nvidia(),
+                                             "categories": label_map.to_json(), "backbone": "resnet18", "epoch": 0})
+    export_model_repository(root / "checkpoint.pt", root / "repository", precisions=["fp32"])
+    shrink_max_batch(root / "repository", SMALL_MAX_BATCH)
+    with TritonServer(root / "repository", http_port=0, grpc_port=0, metrics_port=0) as server:
+        yield Served(server, root)
+
+
+def photos() -> list:
+    """Four real photos, one of each input kind."""
+    return [DATA_DIR / "rocket.jpg", (DATA_DIR / "astronaut.png").read_bytes(), skimage.data.coffee(),
+            Image.fromarray(skimage.data.chelsea())]
+
+
+def photo_sizes() -> list[tuple[int, int]]:
+    """(width, height) of `photos()`."""
+    with Image.open(DATA_DIR / "rocket.jpg") as rocket:
+        size = rocket.size
+    return [size, (512, 512), skimage.data.coffee().shape[1::-1], skimage.data.chelsea().shape[1::-1]]
+
+
+def request_counts(stats: dict) -> tuple[int, int]:
+    """(requests, images) the server has answered for the model (gRPC's JSON writes int64 as strings)."""
+    model = stats["model_stats"][0]
+    return int(model["inference_stats"]["success"]["count"]), int(model["inference_count"])
+
+
+def counts_after(client: SSDClient, before: tuple[int, int], images: int) -> tuple[int, int]:
+    """(requests, images) answered since `before`, once the server has recorded `images` more images
+    (it updates the statistics just after it sends a response)."""
+    for _ in range(100):
+        now = request_counts(client.statistics())
+        if now[1] - before[1] >= images:
+            break
+        time.sleep(0.1)
+    return now[0] - before[0], now[1] - before[1]
+
+
+def detect_async(url: str, protocol: str, images, **options):
+    async def run():
+        async with AsyncSSDClient(url, protocol, **options) as client:
+            return await client.detect(images)
+    return asyncio.run(run())
+
+
+def assert_close(found, expected):
+    """Same detections up to the last bits a different server-side batch may change."""
+    assert len(found) == len(expected)
+    for image_found, image_expected in zip(found, expected):
+        assert [d.category_id for d in image_found] == [d.category_id for d in image_expected]
+        np.testing.assert_allclose([d.box for d in image_found], [d.box for d in image_expected], rtol=1e-4,
+                                   atol=1e-3)
+        np.testing.assert_allclose([d.score for d in image_found], [d.score for d in image_expected], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_connect_reads_the_served_model(served):
+    with SSDClient(served.http_url, label_map=served.labels) as client:
+        assert client.spec.max_batch_size == SMALL_MAX_BATCH  # read from the model config
+        assert client.batch_size == SMALL_MAX_BATCH
+    with SSDClient(served.grpc_url, "grpc", batch_size=100) as client:
+        assert client.batch_size == SMALL_MAX_BATCH
+    with SSDClient(served.grpc_url, "grpc", batch_size=3) as client:
+        assert client.batch_size == 3
+
+
+@pytest.mark.slow
+def test_detect_is_identical_over_http_grpc_sync_async_and_shared_memory(served):
+    images = photos()  # one request (<= max batch) in every variant: the server computes the same batch
+    labels = LabelMap.load(served.labels)
+    reference = None
+    for protocol in ("http", "grpc"):
+        for shared_memory in (False, True):
+            options = {"label_map": served.labels, "shared_memory": shared_memory}
+            with SSDClient(served.url(protocol), protocol, **options) as client:
+                found = client.detect(images)
+            found_async = detect_async(served.url(protocol), protocol, images, **options)
+            if reference is None:
+                reference = found
+            assert found == reference, (protocol, shared_memory, "sync")
+            assert found_async == reference, (protocol, shared_memory, "async")
+    assert len(reference) == len(images) and all(reference)
+    names = labels.names_by_id()
+    for detections, (width, height) in zip(reference, photo_sizes()):
+        assert all(d.category_name == names[d.category_id] for d in detections)
+        boxes = np.array([d.box for d in detections])
+        assert (boxes >= 0).all() and (boxes[:, [0, 2]] <= width).all() and (boxes[:, [1, 3]] <= height).all()
+        assert (boxes[:, 2] >= boxes[:, 0]).all() and (boxes[:, 3] >= boxes[:, 1]).all()
+        scores = [d.score for d in detections]
+        assert scores == sorted(scores, reverse=True) and min(scores) > 0.05
+    with SSDClient(served.http_url, label_map=served.labels) as client:
+        kept = client.detect(images, threshold=0.5)
+    assert [[d for d in found if d.score >= 0.5] for found in reference] == kept
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_a_batch_above_the_max_is_split_into_requests(served, protocol):
+    images = photos() * 2 + photos()[:2]  # 10 images: requests of 4, 4 and 2
+    with SSDClient(served.url(protocol), protocol, label_map=served.labels) as client:
+        reference = client.detect(photos())
+        before = request_counts(client.statistics())
+        found = client.detect(images)
+        assert counts_after(client, before, len(images)) == (3, 10)
+        assert_close(found, reference * 2 + reference[:2])
+        before = request_counts(client.statistics())
+        found_async = detect_async(served.url(protocol), protocol, images, label_map=served.labels, batch_size=3,
+                                   concurrency=2)
+        assert counts_after(client, before, len(images)) == (4, 10)  # 3 + 3 + 3 + 1
+    assert_close(found_async, found)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_wrong_model_and_other_io_are_one_clear_error_each(served, protocol):
+    with pytest.raises(ModelNotFoundError, match=f"model 'yolo' is not served by .*models: .*{sio.ENSEMBLE}"):
+        SSDClient(served.url(protocol), protocol, model="yolo")
+    with pytest.raises(ModelMismatchError, match=f"model '{sio.POSTPROCESS}' is not the SSD300 ensemble: .*IMAGE"):
+        SSDClient(served.url(protocol), protocol, model=sio.POSTPROCESS)
+
+
+@pytest.mark.slow
+def test_unreadable_images_are_named_and_the_server_keeps_answering(served, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with SSDClient(served.http_url) as client:
+        with pytest.raises(ImageError, match=f"^{broken}: not a readable image"):
+            client.detect([DATA_DIR / "rocket.jpg", broken])
+        with pytest.raises(ImageError, match=f"^{tmp_path / 'gone.png'}: no such file"):
+            client.detect([DATA_DIR / "rocket.jpg", tmp_path / "gone.png"])
+        with pytest.raises(ImageError, match="^image 1: empty image data"):
+            client.detect([skimage.data.coffee(), b""])
+        # Parses as a JPEG here but cannot be decoded: the server refuses that request, naming it.
+        truncated = tmp_path / "truncated.jpg"
+        truncated.write_bytes((DATA_DIR / "rocket.jpg").read_bytes()[:3000])
+        with pytest.raises(InferenceError, match=f"failed while detecting in {truncated}: "):
+            client.detect(truncated)
+        assert len(client.detect(DATA_DIR / "rocket.jpg")[0]) > 0
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+def run_cli(main, *args):
+    from click.testing import CliRunner
+
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_cli_errors_are_one_line():
+    from ssd_client.cli import cli
+
+    url = f"127.0.0.1:{free_port()}"
+    result = run_cli(cli, "detect", DATA_DIR / "rocket.jpg", "--url", url)
+    assert result.exit_code == 1
+    assert result.output.strip() == (f"Error: cannot reach the Triton server at {url} (http): is it running? "
+                                     "([Errno 111] Connection refused)")
+    result = run_cli(cli, "evaluate", "--data", "/nonexistent", "--url", url)
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert "not a COCO-layout dataset" in result.output
+    result = run_cli(cli, "detect", DATA_DIR / "rocket.jpg", "--labels", "/nonexistent/labels.json")
+    assert result.exit_code == 1 and "cannot read label map /nonexistent/labels.json" in result.output
+
+
+@pytest.mark.slow
+def test_cli_detect_prints_and_draws_what_the_library_finds(served, tmp_path):
+    from ssd_client.cli import cli
+
+    paths = [DATA_DIR / "rocket.jpg", DATA_DIR / "astronaut.png"]
+    with SSDClient(served.grpc_url, "grpc", label_map=served.labels) as client:
+        expected = client.detect(paths, threshold=0.3)
+    result = run_cli(cli, "detect", *paths, "--url", served.grpc_url, "--protocol", "grpc", "--labels",
+                     served.labels, "--json")
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.output.splitlines()]
+    assert lines == [{"image": str(path), **d.to_dict()} for path, found in zip(paths, expected) for d in found]
+
+    out = tmp_path / "annotated"
+    result = run_cli(cli, "detect", *paths, "--url", served.http_url, "--labels", served.labels, "--output-dir", out)
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if line.startswith(str(DATA_DIR))]
+    assert len(rows) == sum(max(1, len(found)) for found in expected)
+    first = expected[0][0]
+    assert any(first.category_name in row and f"{first.score:.3f}" in row for row in rows)
+    for path in paths:
+        with Image.open(out / path.name) as drawn, Image.open(path) as original:
+            assert drawn.size == original.size
+            assert not np.array_equal(np.asarray(drawn.convert("RGB")), np.asarray(original.convert("RGB")))
+
+
+@pytest.mark.slow
+def test_cli_evaluate_matches_ssd_train_evaluate(served, tmp_path):
+    from ssd_client.cli import cli
+    from ssd_train.cli import cli as train_cli
+    from ssd_train.coco_eval import STAT_NAMES
+
+    result = run_cli(train_cli, "evaluate", "--data", served.dataset, "--checkpoint", served.checkpoint,
+                     "--data-backend", "dali", "--json-summary", tmp_path / "in_process.json", "--no-channels-last")
+    assert result.exit_code == 0, result.output
+    result = run_cli(cli, "evaluate", "--data", served.dataset, "--url", served.grpc_url, "--protocol", "grpc",
+                     "--concurrency", 2, "--batch-size", 3, "--json-summary", tmp_path / "served.json")
+    assert result.exit_code == 0, result.output
+    assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in result.output
+    in_process = json.loads((tmp_path / "in_process.json").read_text())
+    through_server = json.loads((tmp_path / "served.json").read_text())
+    assert set(in_process) - {"checkpoint"} <= set(through_server)
+    assert through_server["AR100"] > 0.01 and through_server["AP50"] > 0  # not just 0 == 0
+    for name in ("mAP", *STAT_NAMES):
+        assert through_server[name] == pytest.approx(in_process[name], abs=1e-3), name
