@@ -1,0 +1,209 @@
+"""`ssd-train benchmark`: training and inference throughput (images/s) in the seeds' format.
+
+Inference timing covers what the reference's does: host-to-device copy of a uint8 batch,
+normalisation and the forward pass (no decode/NMS). Training timing covers a whole `train_step`
+(the same function `fit` runs: forward, loss, backward, optimizer step). Data comes from a
+COCO-layout dataset (`data_dir`) or is synthetic (random pixels; boxes from the shapes generator's
+size range) -- the model's cost does not depend on the pixel values.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ssd_train.boxes import encode, match
+from ssd_train.data import IMAGENET_MEAN, IMAGENET_STD
+from ssd_train.inference import autocast
+from ssd_train.loss import SSDLoss
+from ssd_train.model import build_model
+from ssd_train.train import make_grad_scaler, parameter_groups, set_math_modes, train_step
+
+
+@dataclass
+class BenchmarkResult:
+    mode: str
+    batch_size: int
+    precision: str  # "fp32" (TF32 math where enabled and supported) or "amp"
+    seconds: list[float]  # duration of each timed iteration
+
+    @property
+    def throughput(self) -> float:
+        """Images per second over all timed iterations (total images / total time)."""
+        return self.batch_size * len(self.seconds) / sum(self.seconds)
+
+    def summary(self) -> dict:
+        per_iteration = [self.batch_size / s for s in self.seconds]
+        return {"batch_size": self.batch_size, "precision": self.precision,
+                "throughput_mean": self.throughput, "throughput_median": statistics.median(per_iteration),
+                "throughput_min": min(per_iteration), "throughput_max": max(per_iteration),
+                "latency_mean_ms": 1000 * statistics.fmean(self.seconds), "iterations": len(self.seconds)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def normalize_on_device(images_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW (channels_last memory), ImageNet-normalised, on the images' device."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images_uint8.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=images_uint8.device).view(1, 3, 1, 1) * 255
+    return (images_uint8.permute(0, 3, 1, 2).float() - mean) / std
+
+
+def synthetic_images(batch_size: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (batch_size, 300, 300, 3), dtype=torch.uint8, generator=generator)
+
+
+def synthetic_targets(batch_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoded targets of 1-4 random boxes per image (so the loss has positives to work on)."""
+    generator = torch.Generator().manual_seed(seed)
+    offsets, labels = [], []
+    for _ in range(batch_size):
+        count = int(torch.randint(1, 5, (), generator=generator))
+        low = torch.rand(count, 2, generator=generator) * 0.6
+        size = 0.1 + torch.rand(count, 2, generator=generator) * 0.3
+        boxes, image_labels = match(torch.cat([low, low + size], 1), torch.randint(1, 81, (count,), generator=generator))
+        offsets.append(encode(boxes))
+        labels.append(image_labels)
+    return torch.stack(offsets), torch.stack(labels)
+
+
+def _time_iterations(step, warmup: int, iterations: int, device: torch.device) -> list[float]:
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    seconds = []
+    for _ in range(iterations):
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def benchmark_inference(model: torch.nn.Module, batch_size: int, device: torch.device, amp: bool, warmup: int,
+                        iterations: int, channels_last: bool = True, images: torch.Tensor | None = None
+                        ) -> BenchmarkResult:
+    model.eval()
+    host = images if images is not None else synthetic_images(batch_size)
+    if device.type == "cuda":
+        host = host.pin_memory()
+
+    @torch.no_grad()
+    def step():
+        batch = normalize_on_device(host.to(device, non_blocking=True))
+        if channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp):
+            model(batch)
+
+    return BenchmarkResult("inference", batch_size, "amp" if amp else "fp32",
+                           _time_iterations(step, warmup, iterations, device))
+
+
+def benchmark_training(model: torch.nn.Module, batch_size: int, device: torch.device, amp: bool, warmup: int,
+                       iterations: int, channels_last: bool = True, batches=None) -> BenchmarkResult:
+    """`batches`: an iterator of (images, offsets, labels) like the training loaders yield; synthetic when None."""
+    model.train()
+    optimizer = torch.optim.SGD(parameter_groups(model, 5e-4), lr=1e-3, momentum=0.9)
+    scaler = make_grad_scaler(str(device), amp)
+    loss_fn = SSDLoss()
+    if batches is None:
+        images = normalize_on_device(synthetic_images(batch_size))
+        fixed = (images, *synthetic_targets(batch_size))
+        batches = iter(lambda: fixed, None)
+
+    def step():
+        train_step(model, loss_fn, optimizer, scaler, next(batches), device, amp, channels_last)
+
+    return BenchmarkResult("training", batch_size, "amp" if amp else "fp32",
+                           _time_iterations(step, warmup, iterations, device))
+
+
+def prepare_model(backbone: str, device: torch.device, channels_last: bool, compile_model: bool,
+                  num_classes: int = 81) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model(backbone, num_classes).to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return torch.compile(model) if compile_model else model
+
+
+def run_sweep(mode: str, batch_sizes: list[int], precisions: list[bool], device: torch.device, backbone: str,
+              warmup: int, iterations: int, tf32: bool, channels_last: bool, compile_model: bool = False,
+              data_dir=None, data_backend: str = "pytorch", progress=None) -> list[BenchmarkResult]:
+    set_math_modes(tf32)
+    model = prepare_model(backbone, device, channels_last, compile_model)
+    results = []
+    for batch_size in batch_sizes:
+        data = _real_data(mode, data_dir, data_backend, batch_size, device) if data_dir else None
+        for amp in precisions:
+            if mode == "inference":
+                result = benchmark_inference(model, batch_size, device, amp, warmup, iterations, channels_last, data)
+            else:
+                result = benchmark_training(model, batch_size, device, amp, warmup, iterations, channels_last, data)
+            results.append(result)
+            if progress:
+                progress(result)
+    return results
+
+
+def _real_data(mode: str, data_dir, data_backend: str, batch_size: int, device: torch.device):
+    """Inference: one batch of real val images as uint8 NHWC 300x300; training: an endless iterator
+    of loader batches."""
+    from ssd_train.data.loaders import build_train_loader
+
+    if mode == "inference":
+        from pathlib import Path
+
+        import numpy as np
+        from PIL import Image
+
+        from ssd_train.data.coco import CocoDetection
+
+        dataset = CocoDetection(Path(data_dir), "val2017", skip_empty=False)
+        picks = [i % len(dataset) for i in range(batch_size)]
+        arrays = [np.asarray(dataset.load_image(i).resize((300, 300), Image.BILINEAR)) for i in picks]
+        return torch.from_numpy(np.stack(arrays))
+
+    loader = build_train_loader(data_backend, data_dir, "train2017", batch_size, device=str(device))
+
+    def forever():
+        epoch = 0
+        while True:
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(epoch)
+            yield from loader
+            epoch += 1
+
+    return forever()
+
+
+def sweep_table(results: list[BenchmarkResult], math_name: str) -> str:
+    """Markdown table in the seeds' format: Batch size | Throughput TF32 | Throughput mixed precision |
+    speedup | weak scaling TF32 | weak scaling mixed precision. Weak scaling is throughput relative to
+    the smallest batch size measured (batch 1 in the seeds)."""
+    by_key = {(r.batch_size, r.precision): r.throughput for r in results}
+    sizes = sorted({r.batch_size for r in results})
+    base = {p: by_key.get((sizes[0], p)) for p in ("fp32", "amp")}
+
+    def cell(value, fmt="{:.2f}"):
+        return fmt.format(value) if value is not None else "-"
+
+    def ratio(a, b):
+        return f"{100 * a / b:.0f}%" if a is not None and b else "-"
+
+    lines = [f"| Batch size | Throughput - {math_name} | Throughput - mixed precision | Throughput speedup "
+             f"({math_name} - mixed precision) | Weak scaling - {math_name} | Weak scaling - mixed precision |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for size in sizes:
+        full, mixed = by_key.get((size, "fp32")), by_key.get((size, "amp"))
+        lines.append(f"| {size} | {cell(full)} | {cell(mixed)} | {ratio(mixed, full)} | "
+                     f"{ratio(full, base['fp32'])} | {ratio(mixed, base['amp'])} |")
+    return "\n".join(lines)

@@ -1,0 +1,121 @@
+"""`ssd-train` through click's runner: the happy paths and one clear line per user error."""
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from ssd_train.cli import cli
+
+
+def run(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    return result
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.exit_code != 0
+    lines = [line for line in result.output.strip().splitlines() if line.startswith("Error")]
+    assert len(lines) == 1, result.output
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], result.output
+
+
+def test_make_dataset_is_deterministic(tmp_path):
+    for name in ("a", "b"):
+        assert run("make-dataset", "shapes", tmp_path / name, "--train", 3, "--val", 2, "--seed", 7).exit_code == 0
+    for split in ("train2017", "val2017"):
+        a = json.loads((tmp_path / "a" / "annotations" / f"instances_{split}.json").read_text())
+        b = json.loads((tmp_path / "b" / "annotations" / f"instances_{split}.json").read_text())
+        assert a == b and a["annotations"]
+    assert (tmp_path / "a" / "train2017" / "000001.jpg").read_bytes() == (tmp_path / "b" / "train2017" / "000001.jpg").read_bytes()
+
+
+def test_evaluate_writes_summary(shapes_dir, tiny_checkpoint, tmp_path):
+    result = run("evaluate", "--data", shapes_dir, "--checkpoint", tiny_checkpoint, "--json-summary",
+                 tmp_path / "s.json", "-j", 0)
+    assert result.exit_code == 0, result.output
+    assert "Average Precision  (AP) @[ IoU=0.50:0.95" in result.output
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert 0 <= summary["mAP"] <= 1 and len([k for k in summary if k.startswith(("AP", "AR"))]) == 12
+
+
+def test_predict_prints_json_lines_and_draws(shapes_dir, tiny_checkpoint, tmp_path):
+    images = sorted((shapes_dir / "val2017").iterdir())[:2]
+    result = run("predict", "--checkpoint", tiny_checkpoint, *images, "--threshold", 0.0, "--output-dir", tmp_path)
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    assert {line["image"] for line in lines} == {str(p) for p in images}
+    first = lines[0]
+    assert len(first["box"]) == 4 and first["category_name"] in {"circle", "rectangle", "triangle"}
+    assert first["category_id"] in {1, 3, 7}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in images)
+
+
+def test_missing_dataset(tmp_path, tiny_checkpoint):
+    assert_one_line_error(run("evaluate", "--data", tmp_path / "none", "--checkpoint", tiny_checkpoint),
+                          "dataset directory not found")
+
+
+def test_wrong_layout(tmp_path, tiny_checkpoint):
+    (tmp_path / "images").mkdir()
+    assert_one_line_error(run("evaluate", "--data", tmp_path, "--checkpoint", tiny_checkpoint),
+                          "not a COCO-layout dataset", "instances_val2017.json")
+
+
+def test_malformed_annotations(tmp_path, tiny_checkpoint):
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "val2017").mkdir()
+    (tmp_path / "annotations" / "instances_val2017.json").write_text('{"images": [], "annotations": []}')
+    assert_one_line_error(run("evaluate", "--data", tmp_path, "--checkpoint", tiny_checkpoint),
+                          "not a COCO instances file")
+
+
+def test_missing_checkpoint(shapes_dir, tmp_path):
+    assert_one_line_error(run("evaluate", "--data", shapes_dir, "--checkpoint", tmp_path / "x.pt"),
+                          "checkpoint not found")
+
+
+def test_label_map_mismatch(shapes_dir, tiny_checkpoint, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(shapes_dir, other)
+    ann = other / "annotations" / "instances_val2017.json"
+    data = json.loads(ann.read_text())
+    data["categories"][0]["name"] = "ellipse"
+    ann.write_text(json.dumps(data))
+    assert_one_line_error(run("evaluate", "--data", other, "--checkpoint", tiny_checkpoint), "label map mismatch")
+
+
+def test_unreadable_image(tiny_checkpoint, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff this is not really a jpeg")
+    assert_one_line_error(run("predict", "--checkpoint", tiny_checkpoint, bad), "bad.jpg")
+    assert_one_line_error(run("predict", "--checkpoint", tiny_checkpoint, tmp_path / "missing.jpg"), "missing.jpg")
+
+
+def test_wrong_architecture(shapes_dir, tiny_checkpoint):
+    assert_one_line_error(run("evaluate", "--data", shapes_dir, "--checkpoint", tiny_checkpoint,
+                              "--backbone", "resnet34"), "do not fit the model")
+
+
+def test_unwritable_save_dir(shapes_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = run("fit", "--data", shapes_dir, "--save", blocker / "run", "--epochs", 1, "--bs", 4,
+                 "--backbone", "resnet18", "--no-pretrained-backbone", "--data-backend", "pytorch", "-j", 0)
+    assert_one_line_error(result, "cannot write checkpoints to")
+
+
+@pytest.mark.slow
+def test_fit_one_epoch(shapes_dir, tmp_path):
+    result = run("fit", "--data", shapes_dir, "--save", tmp_path, "--epochs", 1, "--bs", 8, "--backbone",
+                 "resnet18", "--no-pretrained-backbone", "--data-backend", "dali", "-j", 1,
+                 "--json-summary", tmp_path / "summary.json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["iterations"] == 3 and summary["mAP"] is not None
+    assert (tmp_path / "epoch_0.pt").is_file()
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events] == ["start", "epoch", "eval", "end"]
