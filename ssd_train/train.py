@@ -245,6 +245,11 @@ def fit(cfg: FitConfig) -> dict:
                                   lr=scheduler.get_last_lr()[0])
         if not running:
             raise RuntimeError("the training loader yielded no batch")
+        if ddp.enabled:
+            # DDP keeps parameters in step, but each rank's BatchNorm statistics saw its own last batch:
+            # take rank 0's so every rank evaluates (and rank 0 saves) the same model.
+            for buffer in model.buffers():
+                dist.broadcast(buffer, src=0)
         seconds = time.perf_counter() - epoch_start
         epoch_images = len(running) * cfg.batch_size * ddp.world_size
         images_seen += epoch_images
