@@ -26,7 +26,7 @@ test-fast: venv
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -ra -m "not slow" tests
 
 demo: venv
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash tools/demo.sh $(DEMO_DIR)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) tools/demo.py $(DEMO_DIR)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

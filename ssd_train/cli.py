@@ -131,6 +131,8 @@ def _precision_options(func):
 @click.option("--num-workers", "-j", type=int, default=None, help="Data loading workers/threads.")
 @click.option("--json-summary", type=click.Path(path_type=Path), help="Write the final summary (mAP, ...) here.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N [default: cuda when available].")
+@click.option("--augment/--no-augment", default=True, show_default=True,
+              help="SSD training augmentations (random IoU crop, flip, colour jitter).")
 @_data_backend_option()
 @_precision_options
 @user_errors
@@ -291,9 +293,13 @@ def benchmark(mode, batch_size, batch_sizes, amp, tf32, channels_last, compile_m
 
     def report(result):
         s = result.summary()
-        click.echo(f"batch {s['batch_size']:>3} {s['precision']:>4}: mean {s['throughput_mean']:.2f} img/s, "
-                   f"median {s['throughput_median']:.2f}, min {s['throughput_min']:.2f}, "
-                   f"max {s['throughput_max']:.2f}, latency {s['latency_mean_ms']:.1f} ms")
+        line = (f"batch {s['batch_size']:>3} {s['precision']:>4}: mean {s['throughput_mean']:.2f} img/s, "
+                f"median {s['throughput_median']:.2f}, min {s['throughput_min']:.2f}, "
+                f"max {s['throughput_max']:.2f}, latency {s['latency_mean_ms']:.1f} ms")
+        if "postprocess_mean_ms" in s:
+            line += (f"; decode+NMS {s['postprocess_mean_ms']:.1f} ms "
+                     f"({100 * s['postprocess_share']:.1f}% of the forward)")
+        click.echo(line)
 
     from ssd_train.data.loaders import default_backend
 

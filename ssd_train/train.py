@@ -47,6 +47,7 @@ class FitConfig:
     num_workers: int | None = None
     json_summary: Path | None = None
     data_backend: str = field(default_factory=default_backend)
+    augment: bool = True
     device: str | None = None
     amp: bool | None = None  # default: on with CUDA
     tf32: bool = True
@@ -181,7 +182,8 @@ def fit(cfg: FitConfig) -> dict:
     backbone = ckpt.checkpoint_backbone(resume, None) if resume else cfg.backbone
     expected_labels = ckpt.checkpoint_label_map(resume) if resume else None
     train_loader = build_train_loader(cfg.data_backend, cfg.data, "train2017", cfg.batch_size, expected_labels,
-                                      cfg.seed, ddp.rank, ddp.world_size, device, cfg.num_workers)
+                                      cfg.seed, ddp.rank, ddp.world_size, device, cfg.num_workers, cfg.augment,
+                                      shuffle=True)
     eval_loader, label_map = build_eval_loader(cfg.data_backend, cfg.data, "val2017", cfg.eval_batch_size,
                                                expected_labels, ddp.rank, ddp.world_size, device, cfg.num_workers)
     annotation_file = Path(cfg.data) / "annotations" / "instances_val2017.json"
@@ -219,7 +221,7 @@ def fit(cfg: FitConfig) -> dict:
     if ddp.is_main:
         metrics.write("start", backbone=backbone, classes=label_map.num_classes, device=device, amp=amp,
                       world_size=ddp.world_size, batch_size=cfg.batch_size, lr=lr, epochs=cfg.epochs,
-                      iterations_per_epoch=iters_per_epoch, data_backend=cfg.data_backend,
+                      iterations_per_epoch=iters_per_epoch, data_backend=cfg.data_backend, augment=cfg.augment,
                       resumed_from=str(cfg.checkpoint) if resume else None, start_epoch=start_epoch)
     summary: dict = {"mAP": None, "evaluations": []}
     started = time.perf_counter()

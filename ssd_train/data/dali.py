@@ -337,11 +337,14 @@ def train_graph(
     num_shards: int,
     shuffle_seed: int,
     device: str,
+    shuffle: bool | None = None,
 ):
     """Reader -> [SSD crop, decode of the crop, flip] -> resize -> [jitter] -> normalise, and the
-    boxes -> box encoder. Outputs (image float32 CHW, offsets float32 D x 4, labels int32 D)."""
+    boxes -> box encoder. Outputs (image float32 CHW, offsets float32 D x 4, labels int32 D).
+    `shuffle` defaults to `augment`."""
     decoder_device = "mixed" if device == "gpu" else "cpu"
-    shuffle = {"shuffle_after_epoch": True, "shuffle_after_epoch_seed": shuffle_seed} if augment else {}
+    shuffle = augment if shuffle is None else shuffle
+    shuffle = {"shuffle_after_epoch": True, "shuffle_after_epoch_seed": shuffle_seed} if shuffle else {}
     encoded, boxes, category = _coco_reader(
         data_dir,
         split,
@@ -515,11 +518,12 @@ def build_train_loader(
     num_threads: int = 2,
     augment: bool = True,
     device_id: int | None = None,
+    shuffle: bool | None = None,
 ) -> DaliLoader:
     """Training batches (images float32 N x 3 x 300 x 300, target_offsets float32 N x 8732 x 4,
     target_labels int64 N x 8732): the SSD recipe, encoded with ssd_train.boxes' default boxes.
-    `augment=False` turns every random op off (no crop, flip, jitter or shuffle). Incomplete last
-    batches are dropped, like the PyTorch path."""
+    `augment=False` turns every random op off (no crop, flip, jitter; no shuffle unless `shuffle`).
+    Incomplete last batches are dropped, like the PyTorch path."""
     from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 
     from ssd_train.data.coco import CocoSplit, DatasetError, dataset_label_map
@@ -539,7 +543,7 @@ def build_train_loader(
         def ssd300_train():
             return train_graph(
                 str(coco.root), split, label_map.category_ids(), augment,
-                shard_id, num_shards, _epoch_seed(seed, epoch), device,
+                shard_id, num_shards, _epoch_seed(seed, epoch), device, shuffle,
             )
 
         return ssd300_train()

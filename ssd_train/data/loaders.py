@@ -56,20 +56,23 @@ class _EpochLoader:
 
 def build_train_loader(backend: str, data_dir, split: str = "train2017", batch_size: int = 32,
                        label_map: LabelMap | None = None, seed: int = 0, shard_id: int = 0, num_shards: int = 1,
-                       device: str = "cpu", num_workers: int | None = None, augment: bool = True):
+                       device: str = "cpu", num_workers: int | None = None, augment: bool = True,
+                       shuffle: bool | None = None):
+    """`augment=False` turns the random augmentations off and, unless `shuffle` says otherwise, shuffling."""
     num_workers = default_workers() if num_workers is None else num_workers
+    shuffle = augment if shuffle is None else shuffle
     if backend == "dali":
         from ssd_train.data import dali
 
         return dali.build_train_loader(data_dir, split, batch_size, label_map=label_map, seed=seed,
                                        shard_id=shard_id, num_shards=num_shards, device=_dali_device(device),
-                                       num_threads=max(1, num_workers), augment=augment)
+                                       num_threads=max(1, num_workers), augment=augment, shuffle=shuffle)
     _check_backend(backend)
     dataset = CocoDetection(data_dir, split, TrainTransform(augment), label_map, skip_empty=True)
     if len(dataset) < batch_size * num_shards:
         raise DatasetError(f"{split} has {len(dataset)} annotated images, fewer than one batch "
                            f"({batch_size} x {num_shards} processes)")
-    sampler = DistributedSampler(dataset, num_shards, shard_id, shuffle=augment, seed=seed, drop_last=True)
+    sampler = DistributedSampler(dataset, num_shards, shard_id, shuffle=shuffle, seed=seed, drop_last=True)
     loader = DataLoader(dataset, batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
                         pin_memory=device != "cpu", persistent_workers=num_workers > 0)
     return _EpochLoader(loader, sampler)
