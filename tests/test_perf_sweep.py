@@ -1,0 +1,284 @@
+"""tools/perf_sweep.py: perf_analyzer input data and setup (fast), then a real sweep against the CPU
+server started with the project's own API (slow): the tables and the plot must hold exactly the
+numbers of the raw perf_analyzer CSVs and of `ssd-train benchmark`'s JSON summary."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ssd_train.serving import io
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP = ROOT / "tools" / "perf_sweep.py"
+sys.path.insert(0, str(ROOT / "tools"))
+
+import perf_analyzer_env  # noqa: E402
+import perf_inputs  # noqa: E402
+import perf_report  # noqa: E402
+
+BACKBONE = "resnet18"  # the smallest backbone: the sweep measures serving, not the network
+ENSEMBLE_STEPS = (io.PREPROCESS, io.MODEL_FP32, io.POSTPROCESS)  # the CPU flavour's ensemble
+
+
+def run_sweep(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SWEEP), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    """stderr without the progress bar."""
+    return [line for line in proc.stderr.splitlines() if line.strip() and "perf_analyzer:" not in line]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def read_csv_row(path: Path) -> dict[str, float]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1, f"{path.name}: one concurrency, one row"
+    return {key: float(value) for key, value in rows[0].items() if value not in ("", None)}
+
+
+def markdown_tables(text: str) -> dict[str, list[dict[str, str]]]:
+    """{the heading above a table: its rows as {column: cell}}."""
+    tables, heading, lines = {}, None, text.splitlines()
+    i = 0
+    while i < len(lines):
+        if lines[i].startswith("#"):
+            heading = lines[i].lstrip("# ").strip()
+        if lines[i].startswith("|"):
+            block = []
+            while i < len(lines) and lines[i].startswith("|"):
+                block.append([cell.strip() for cell in lines[i].strip().strip("|").split("|")])
+                i += 1
+            header, body = block[0], block[2:]
+            tables[heading] = [dict(zip(header, row, strict=True)) for row in body]
+            continue
+        i += 1
+    return tables
+
+
+def table_under(tables: dict, start: str) -> list[dict[str, str]]:
+    found = [rows for heading, rows in tables.items() if heading.startswith(start)]
+    assert len(found) == 1, f"one table under a heading starting {start!r}, headings: {list(tables)}"
+    return found[0]
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+def test_jpeg_input_is_padded_to_one_length_and_decodes_like_the_original():
+    from ssd_train.data.dali import Preprocessor
+
+    photos = perf_inputs.default_photos()
+    steps = perf_inputs.encoded_image_data(photos)["data"]
+    assert len(steps) == len(photos) >= 2
+    lengths = {tuple(step[io.IMAGE]["shape"]) for step in steps}
+    assert len(lengths) == 1  # perf_analyzer batches only equal shapes
+    (length,) = lengths.pop()
+    assert length == max(len(data) for _, data in photos)
+    padded = [base64.b64decode(step[io.IMAGE]["b64"]) for step in steps]
+    for (_, original), sent in zip(photos, padded, strict=True):
+        assert len(sent) == length
+        assert sent[: len(original)] == original and set(sent[len(original):]) <= {0}
+    preprocess = Preprocessor(batch_size=len(photos))
+    from_padded, sizes_padded = preprocess(padded)
+    from_original, sizes_original = preprocess([data for _, data in photos])
+    np.testing.assert_array_equal(from_padded, from_original)
+    np.testing.assert_array_equal(sizes_padded, sizes_original)
+
+
+def test_model_input_is_the_photos_through_the_dali_preprocessing(tmp_path):
+    from ssd_train.data.dali import Preprocessor
+
+    for i, colour in enumerate(((200, 30, 30), (20, 180, 60))):
+        Image.new("RGB", (320 + 40 * i, 240), colour).save(tmp_path / f"photo{i}.jpg", quality=95)
+    (tmp_path / "notes.txt").write_text("not an image")
+    photos = perf_inputs.directory_images(tmp_path, limit=8)
+    assert [name for name, _ in photos] == ["photo0.jpg", "photo1.jpg"]
+    steps = perf_inputs.preprocessed_image_data(photos)["data"]
+    expected, _ = Preprocessor(batch_size=2)([data for _, data in photos])
+    for step, tensor in zip(steps, expected, strict=True):
+        assert step[io.MODEL_INPUT]["shape"] == [3, io.INPUT_SIZE, io.INPUT_SIZE]
+        sent = np.frombuffer(base64.b64decode(step[io.MODEL_INPUT]["b64"]), np.float32).reshape(tensor.shape)
+        np.testing.assert_array_equal(sent, tensor)
+
+
+def test_a_directory_without_images_is_a_clear_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(perf_inputs.InputDataError, match="no .jpg/.jpeg/.png images"):
+        perf_inputs.directory_images(tmp_path, limit=4)
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg at all")
+    with pytest.raises(perf_inputs.InputDataError, match="cannot preprocess"):
+        perf_inputs.preprocessed_image_data(perf_inputs.directory_images(tmp_path, limit=4))
+
+
+# ----------------------------------------------------------------------------------------------- setup
+def test_perf_analyzer_is_found_and_runs():
+    analyzer = perf_analyzer_env.locate()
+    assert perf_analyzer_env.missing_libraries(analyzer.path, analyzer.library_dirs) == []
+    assert analyzer.version().split(".")[0].isdigit()
+
+
+@pytest.mark.skipif(not (shutil.which("apt-get") and shutil.which("dpkg")), reason="needs apt-get and dpkg")
+def test_libb64_is_fetched_without_root_into_a_cache(tmp_path):
+    first = perf_analyzer_env.find_or_fetch_libb64(tmp_path / "cache")
+    assert (first / perf_analyzer_env.LIBB64).is_file()
+    assert first.is_relative_to(tmp_path / "cache")
+    assert perf_analyzer_env.find_or_fetch_libb64(tmp_path / "cache") == first  # cached, not fetched again
+
+
+def test_a_missing_binary_is_a_clear_error(tmp_path):
+    with pytest.raises(perf_analyzer_env.PerfAnalyzerSetupError, match="not an executable perf_analyzer"):
+        perf_analyzer_env.find_binary(tmp_path / "perf_analyzer")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-sizes", "1,x"], "expected comma-separated integers"),
+    (["--batch-sizes", "0"], "expected positive integers"),
+    (["--models", "fp32,int8"], "choose from fp32, fp16, ensemble"),
+    (["--models", "ensemble", "--compare-in-process"], "compares the SSD model alone"),
+])
+def test_bad_options_are_one_line_usage_errors(args, message):
+    proc = run_sweep(*args, timeout=120)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_no_server_is_a_clear_error(tmp_path):
+    url = f"127.0.0.1:{free_port()}"
+    for protocol in ("http", "grpc"):
+        proc = run_sweep("--url", url, "--protocol", protocol, "--output-dir", str(tmp_path), timeout=120)
+        assert proc.returncode == 1
+        assert error_lines(proc) == [error_lines(proc)[0]]
+        assert error_lines(proc)[0].startswith(f"Error: no Triton server answers at {url} ({protocol})")
+
+
+# ----------------------------------------------------------------------------------------------- served
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The CPU flavour served by the project's own launcher, from a random-weight checkpoint
+    exported by the project's exporter (fp32 only: fp16 convolutions on a CPU are slow)."""
+    from ssd_train.checkpoint import save_checkpoint
+    from ssd_train.export import export_model_repository
+    from ssd_train.model import build_model
+    from ssd_train.serving.server import TritonServer
+
+    root = tmp_path_factory.mktemp("perf_served")
+    torch.manual_seed(0)
+    checkpoint = save_checkpoint(root / "random.pt", {"model": build_model(BACKBONE).state_dict(),
+                                                      "backbone": BACKBONE})
+    export_model_repository(checkpoint, root / "model_repository", precisions=["fp32"])
+    with TritonServer(root / "model_repository", http_port=0, grpc_port=0, metrics_port=0) as triton:
+        yield triton
+
+
+@pytest.mark.slow
+def test_tiny_sweep_tables_and_plot_hold_the_measured_numbers(server, tmp_path):
+    out = tmp_path / "sweep"
+    proc = run_sweep(
+        "--url", server.http_url, "--models", "fp32,ensemble", "--batch-sizes", "2,1",
+        "--measurement-request-count", "3", "--stability-percentage", "100", "--output-dir", str(out),
+        "--compare-in-process",
+        "--in-process-args", f"--backbone {BACKBONE} --benchmark-warmup 1 --benchmark-iterations 2",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    raw = out / "raw"
+    measured = {(model, b): read_csv_row(raw / f"{model}_b{b}_c1.csv")
+                for model in (io.MODEL_FP32, io.ENSEMBLE) for b in (1, 2)}
+    for row in measured.values():
+        assert row["Inferences/Second"] > 0 and 0 < row["p50 latency"] <= row["p99 latency"]
+    composing = {(step, b): read_csv_row(raw / f"{step}_v1.{io.ENSEMBLE}_b{b}_c1.csv")
+                 for step in ENSEMBLE_STEPS for b in (1, 2)}
+    for row in composing.values():
+        assert row["Server Compute Infer"] > 0
+
+    def ips(model, b):
+        return measured[model, b]["Inferences/Second"]
+
+    def ms(model, b, column):
+        return f"{measured[model, b][column] / 1000:.2f}"
+
+    tables = markdown_tables((out / "perf_sweep.md").read_text())
+    # The seed-format table for the model alone: on a CPU server the TF32 column is named FP32.
+    alone = table_under(tables, "SSD300 alone")
+    assert [row["Batch size"] for row in alone] == ["1", "2"]
+    for row, b in zip(alone, (1, 2), strict=True):
+        assert row["Throughput - FP32"] == f"{ips(io.MODEL_FP32, b):.2f}"
+        assert row["Throughput - mixed precision"] == "-"  # fp16 was not swept
+        assert row["Weak scaling - FP32"] == f"{100 * ips(io.MODEL_FP32, b) / ips(io.MODEL_FP32, 1):.0f}%"
+        assert row["p50 latency - FP32 (ms)"] == ms(io.MODEL_FP32, b, "p50 latency")
+        assert row["p99 latency - FP32 (ms)"] == ms(io.MODEL_FP32, b, "p99 latency")
+    assert alone[0]["Weak scaling - FP32"] == "100%"
+    # The whole ensemble.
+    ensemble = table_under(tables, f"Whole ensemble `{io.ENSEMBLE}`")
+    assert [row["Batch size"] for row in ensemble] == ["1", "2"]
+    for row, b in zip(ensemble, (1, 2), strict=True):
+        assert row["Throughput"] == f"{ips(io.ENSEMBLE, b):.2f}"
+        assert row["Weak scaling"] == f"{100 * ips(io.ENSEMBLE, b) / ips(io.ENSEMBLE, 1):.0f}%"
+        assert row["p99 latency (ms)"] == ms(io.ENSEMBLE, b, "p99 latency")
+    # Its composing models, in step order, each from its own CSV.
+    breakdown = table_under(tables, f"`{io.ENSEMBLE}`: server time")
+    assert [(row["Batch size"], row["Model"]) for row in breakdown] == [
+        (str(b), f"`{step}`") for b in (1, 2) for step in ENSEMBLE_STEPS]
+    for row in breakdown:
+        stats = composing[row["Model"].strip("`"), int(row["Batch size"])]
+        assert row["Queue (ms)"] == f"{stats['Server Queue'] / 1000:.2f}"
+        assert row["Compute infer (ms)"] == f"{stats['Server Compute Infer'] / 1000:.2f}"
+    # Served vs in-process, from the real `ssd-train benchmark --json-summary`.
+    summary = json.loads((out / "in_process.json").read_text())
+    in_process = {r["batch_size"]: r["throughput_mean"] for r in summary["results"] if r["precision"] == "fp32"}
+    assert sorted(in_process) == [1, 2]
+    compare = table_under(tables, "Served model alone")
+    for row, b in zip(compare, (1, 2), strict=True):
+        assert row["Served - FP32"] == f"{ips(io.MODEL_FP32, b):.2f}"
+        assert row["In-process - FP32"] == f"{in_process[b]:.2f}"
+        assert row["Served / in-process - FP32"] == f"{100 * ips(io.MODEL_FP32, b) / in_process[b]:.0f}%"
+    # The plot: a real PNG whose drawn numbers are the CSVs'.
+    with Image.open(out / "perf_sweep.png") as png:
+        assert png.format == "PNG" and png.width > 400 and png.height > 200
+        series = json.loads(png.text[perf_report.PLOT_METADATA_KEY])
+    assert set(series) == {io.MODEL_FP32, io.ENSEMBLE}
+    for model, line in series.items():
+        assert line["batch_size"] == [1, 2]
+        assert line["throughput"] == [ips(model, 1), ips(model, 2)]
+        assert line["p99_ms"] == [measured[model, b]["p99 latency"] / 1000 for b in (1, 2)]
+
+
+@pytest.mark.slow
+def test_a_model_the_server_does_not_serve_is_a_clear_error(server, tmp_path):
+    proc = run_sweep("--url", server.http_url, "--models", "fp16", "--output-dir", str(tmp_path), timeout=120)
+    assert proc.returncode == 1
+    (line,) = error_lines(proc)
+    assert line.startswith(f"Error: model {io.MODEL_FP16} is not ready at {server.http_url} (models there: ")
+    assert f"{io.MODEL_FP32} READY" in line
+    proc = run_sweep("--url", server.http_url, "--models", "fp32", "--batch-sizes", "1,128",
+                     "--output-dir", str(tmp_path), timeout=120)
+    assert proc.returncode == 1
+    assert "batch size 128 exceeds ssd300_fp32's max_batch_size" in proc.stderr
+
+
+@pytest.mark.slow
+def test_an_unstable_measurement_stops_with_advice(server, tmp_path):
+    # 0.01% spread between three windows of one request each: no real server is that steady.
+    proc = run_sweep("--url", server.grpc_url, "--protocol", "grpc", "--models", "fp32", "--batch-sizes", "1",
+                     "--measurement-request-count", "1", "--stability-percentage", "0.01", "--max-trials", "3",
+                     "--output-dir", str(tmp_path))
+    assert proc.returncode == 1
+    (line,) = error_lines(proc)
+    assert line.startswith(f"Error: unstable measurement for {io.MODEL_FP32} batch 1 concurrency 1")
+    assert "--measurement-request-count" in line and "--stability-percentage" in line
+    assert (tmp_path / "raw" / f"{io.MODEL_FP32}_b1_c1.log").is_file()

@@ -1,0 +1,322 @@
+"""Sweep batch sizes (and concurrency) of the served SSD300 with perf_analyzer, Triton's load generator.
+
+    python tools/perf_sweep.py --url localhost:8000 --output-dir perf_results
+    python tools/perf_sweep.py --protocol grpc --url gpu-host:8001 --measurement-request-count 50 \
+        --stability-percentage 10 --concurrency 1,4 --collect-metrics --compare-in-process
+
+Measures the fp32 and fp16 SSD models alone (the seeds' "TF32" and "mixed precision" columns) and
+the whole ensemble (JPEG bytes in, detections out), keeps every raw perf_analyzer CSV under
+OUTPUT_DIR/raw/, and writes OUTPUT_DIR/perf_sweep.md (the seed-format table, latency, the
+ensemble's per-model breakdown), OUTPUT_DIR/perf_sweep.png and OUTPUT_DIR/measurements.json.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules when run as a script
+
+import perf_inputs  # noqa: E402
+import perf_report  # noqa: E402
+from perf_analyzer_env import PerfAnalyzer, PerfAnalyzerSetupError, locate  # noqa: E402
+from perf_server import ServerCheckError, check_server  # noqa: E402
+
+from ssd_train.serving import io  # noqa: E402
+
+MODEL_CHOICES = {"fp32": io.MODEL_FP32, "fp16": io.MODEL_FP16, "ensemble": io.ENSEMBLE}
+DEFAULT_PORTS = {"http": 8000, "grpc": 8001}
+UNSTABLE_EXIT_CODE = 2  # perf_analyzer: "Failed to obtain stable measurement"
+
+
+@dataclass(frozen=True)
+class Run:
+    precision: str
+    model: str
+    batch_size: int
+    concurrency: int
+
+    @property
+    def csv_name(self) -> str:
+        return f"{self.model}_b{self.batch_size}_c{self.concurrency}.csv"
+
+
+def int_list(ctx, param, value: str) -> list[int]:
+    try:
+        numbers = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+    if not numbers or any(n < 1 for n in numbers):
+        raise click.BadParameter(f"expected positive integers, got {value!r}")
+    return sorted(set(numbers))
+
+
+def model_list(ctx, param, value: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in MODEL_CHOICES]
+    if not names or unknown:
+        raise click.BadParameter(f"choose from {', '.join(MODEL_CHOICES)} (got {value!r})")
+    return list(dict.fromkeys(names))
+
+
+def strip_scheme(url: str) -> str:
+    """perf_analyzer and tritonclient take host:port."""
+    for scheme in ("http://", "https://", "grpc://"):
+        if url.startswith(scheme):
+            return url[len(scheme):]
+    return url
+
+
+def metrics_url_for(url: str) -> str:
+    host = url.rsplit(":", 1)[0] if ":" in url else url
+    return f"{host}:8002/metrics"
+
+
+def perf_analyzer_args(run: Run, url: str, protocol: str, input_data: Path, options: dict) -> list[str]:
+    args = [
+        "-m", run.model,
+        "-u", url,
+        "-i", protocol,
+        "-b", str(run.batch_size),
+        "--concurrency-range", str(run.concurrency),
+        "--input-data", str(input_data),
+        "--measurement-mode", "count_windows",
+        "--measurement-request-count", str(options["measurement_request_count"]),
+        "--stability-percentage", str(options["stability_percentage"]),
+        "--max-trials", str(options["max_trials"]),
+        "-f", run.csv_name,  # relative: perf_analyzer prefixes the composing models' file names to it
+        "--verbose-csv",
+    ]
+    if options["collect_metrics"]:
+        args += ["--collect-metrics", "--metrics-url", options["metrics_url"]]
+    return args
+
+
+def run_perf_analyzer(pa: PerfAnalyzer, run: Run, args: list[str], raw_dir: Path) -> None:
+    for stale in [raw_dir / run.csv_name, *perf_report.composing_files(raw_dir, run.csv_name)]:
+        stale.unlink(missing_ok=True)
+    proc = subprocess.run([str(pa.path), *args], cwd=raw_dir, env=pa.env(), capture_output=True, text=True)
+    log = raw_dir / (Path(run.csv_name).stem + ".log")
+    log.write_text(f"$ perf_analyzer {shlex.join(args)}\n{proc.stdout}{proc.stderr}")
+    where = f"{run.model} batch {run.batch_size} concurrency {run.concurrency}"
+    if proc.returncode == UNSTABLE_EXIT_CODE:
+        raise click.ClickException(
+            f"unstable measurement for {where}: raise --measurement-request-count or "
+            f"--stability-percentage (or --max-trials); perf_analyzer's log: {log}"
+        )
+    if proc.returncode != 0:
+        lines = [l.strip() for l in (proc.stderr + proc.stdout).splitlines() if l.strip()]
+        errors = [l for l in lines if l.lower().startswith("error")] or lines[-1:] or ["no output"]
+        raise click.ClickException(f"perf_analyzer failed for {where} (exit {proc.returncode}): {errors[0]}")
+    if not (raw_dir / run.csv_name).is_file():
+        raise click.ClickException(f"perf_analyzer wrote no {run.csv_name} for {where}; see {log}")
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    text = f"{cpu}, {os.cpu_count()} cores"
+    if shutil.which("nvidia-smi"):
+        gpus = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                              capture_output=True, text=True)
+        names = [g.strip() for g in gpus.stdout.splitlines() if g.strip()] if gpus.returncode == 0 else []
+        if names:
+            text += ", " + ", ".join(f"{n}x {g}" for g, n in Counter(names).items())
+    return text
+
+
+def find_ssd_train() -> str:
+    beside = Path(sys.executable).parent / "ssd-train"
+    found = str(beside) if beside.is_file() else shutil.which("ssd-train")
+    if not found:
+        raise click.ClickException("--compare-in-process needs the `ssd-train` command (pip install the project)")
+    return found
+
+
+def run_in_process_benchmark(batch_sizes: list[int], summary: Path, extra: str) -> dict:
+    command = [find_ssd_train(), "benchmark", "--mode", "inference",
+               "--batch-sizes", ",".join(map(str, batch_sizes)), "--json-summary", str(summary),
+               *shlex.split(extra)]
+    click.echo(f"in-process benchmark: {shlex.join(command)}", err=True)
+    proc = subprocess.run(command, capture_output=True, text=True)
+    (summary.parent / "in_process.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        last = ([l for l in proc.stderr.splitlines() if l.strip()] or ["no output"])[-1]
+        raise click.ClickException(f"ssd-train benchmark failed (exit {proc.returncode}): {last}")
+    try:
+        return perf_report.read_in_process(summary)
+    except perf_report.ReportError as err:
+        raise click.ClickException(str(err)) from None
+
+
+def build_inputs(models: list[str], images_dir: Path | None, num_images: int, out: Path
+                 ) -> tuple[dict[str, Path], str]:
+    """One --input-data file per input kind the sweep needs (JPEG bytes; preprocessed tensors), by
+    precision name, and a description of the photos."""
+    try:
+        images = (perf_inputs.directory_images(images_dir, num_images) if images_dir
+                  else perf_inputs.default_photos()[:num_images])
+        paths = {}
+        if "ensemble" in models:
+            paths["ensemble"] = perf_inputs.write_input_data(
+                out / "input_jpeg.json", perf_inputs.encoded_image_data(images))
+        if {"fp32", "fp16"} & set(models):
+            tensor = perf_inputs.write_input_data(
+                out / "input_preprocessed.json", perf_inputs.preprocessed_image_data(images))
+            paths["fp32"] = paths["fp16"] = tensor
+    except perf_inputs.InputDataError as err:
+        raise click.ClickException(str(err)) from None
+    names = ", ".join(name for name, _ in images)
+    return paths, f"{len(images)} real photo(s) ({names})"
+
+
+def write_report(out: Path, measurements: list, models: list[str], concurrencies: list[int],
+                 header_lines: list[str], in_process: dict | None, math: str, steps: list[str]) -> Path:
+    math_note = ("The served fp32 model runs on CPU here, so the seeds' TF32 column is plain FP32."
+                 if math == "FP32" else "TF32 = the fp32 model (TF32 convolutions on Ampere and newer GPUs).")
+    sections = ["# SSD300 served by Triton: perf_analyzer sweep", "", *header_lines, ""]
+    for c in concurrencies:
+        if {"fp32", "fp16"} & set(models):
+            sections += [
+                (f"## SSD300 alone: `{io.MODEL_FP32}` ({math}) and `{io.MODEL_FP16}` (mixed precision), "
+                f"concurrency {c}"),
+                "",
+                f"Throughput in images/s. {math_note}",
+                "",
+                perf_report.models_table(measurements, c, math),
+                "",
+            ]
+        if "ensemble" in models:
+            sections += [
+                f"## Whole ensemble `{io.ENSEMBLE}` (JPEG bytes in, detections out), concurrency {c}",
+                "",
+                "Throughput in images/s.",
+                "",
+                perf_report.ensemble_table(measurements, c),
+                "",
+                f"### `{io.ENSEMBLE}`: server time per request in each composing model, concurrency {c}",
+                "",
+                perf_report.breakdown_table(measurements, c, order=steps),
+                "",
+            ]
+        if in_process is not None and {"fp32", "fp16"} & set(models):
+            sections += [
+                (f"## Served model alone (concurrency {c}) vs in-process `ssd-train benchmark` on "
+                f"{in_process['device']}"),
+                "",
+                "Throughput in images/s (in-process: throughput_mean of its JSON summary).",
+                "",
+                perf_report.compare_table(measurements, in_process, c, math),
+                "",
+            ]
+    path = out / "perf_sweep.md"
+    path.write_text("\n".join(sections))
+    return path
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--url", default=None, help="Triton host:port [default: localhost:8000 (http), localhost:8001 (grpc)]")
+@click.option("--protocol", type=click.Choice(["http", "grpc"]), default="http")
+@click.option("--models", "models", default="fp32,fp16,ensemble", callback=model_list,
+              help="Any of fp32, fp16 (the SSD models alone) and ensemble (the whole pipeline).")
+@click.option("--batch-sizes", default="1,2,4,8,16,32,64", callback=int_list)
+@click.option("--concurrency", default="1", callback=int_list, help="Concurrent requests, e.g. 1,2,4.")
+@click.option("--images", "images_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=None, help="Directory of JPEG/PNG photos [default: scikit-image's sample photos]")
+@click.option("--num-images", default=8, type=click.IntRange(1), help="Photos used from --images.")
+@click.option("--measurement-request-count", default=5, type=click.IntRange(1),
+              help="Requests per measurement window (count_windows mode); raise it on a GPU (e.g. 50).")
+@click.option("--stability-percentage", default=50.0, type=click.FloatRange(min=0, min_open=True),
+              help="Allowed spread of the last 3 windows; 10 (perf_analyzer's default) suits a quiet GPU server.")
+@click.option("--max-trials", default=10, type=click.IntRange(3), help="Windows before giving up as unstable.")
+@click.option("--collect-metrics", is_flag=True, help="Also record the server's GPU metrics (GPU servers).")
+@click.option("--metrics-url", default=None, help="[default: the --url host, port 8002]")
+@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("perf_results"))
+@click.option("--compare-in-process", is_flag=True,
+              help="Also run `ssd-train benchmark --mode inference` here and add a served/in-process table.")
+@click.option("--in-process-args", default="", help="Extra arguments for `ssd-train benchmark`, quoted.")
+@click.option("--perf-analyzer", "perf_analyzer_path", type=click.Path(dir_okay=False), default=None,
+              help="perf_analyzer binary [default: PATH, then beside this Python]")
+def main(url, protocol, models, batch_sizes, concurrency, images_dir, num_images, measurement_request_count,
+         stability_percentage, max_trials, collect_metrics, metrics_url, output_dir, compare_in_process,
+         in_process_args, perf_analyzer_path):
+    """Sweep the served SSD300 with perf_analyzer and write the seed-format tables and a plot."""
+    if compare_in_process and not {"fp32", "fp16"} & set(models):
+        raise click.UsageError("--compare-in-process compares the SSD model alone: add fp32 or fp16 to --models")
+    url = strip_scheme(url or f"localhost:{DEFAULT_PORTS[protocol]}")
+    try:
+        pa = locate(perf_analyzer_path)
+        server = check_server(url, protocol, [MODEL_CHOICES[m] for m in models], max(batch_sizes))
+    except (PerfAnalyzerSetupError, ServerCheckError) as err:
+        raise click.ClickException(str(err)) from None
+
+    raw_dir = output_dir / "raw"
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    inputs, input_description = build_inputs(models, images_dir, num_images, output_dir)
+    options = {"measurement_request_count": measurement_request_count, "stability_percentage": stability_percentage,
+               "max_trials": max_trials, "collect_metrics": collect_metrics,
+               "metrics_url": metrics_url or metrics_url_for(url)}
+    runs = [Run(p, MODEL_CHOICES[p], b, c) for p in models for c in concurrency for b in batch_sizes]
+    measurements = sweep(pa, runs, url, protocol, inputs, options, raw_dir)
+    in_process = None
+    if compare_in_process:
+        in_process = run_in_process_benchmark(batch_sizes, output_dir / "in_process.json", in_process_args)
+
+    header = [
+        f"- Command: `python tools/perf_sweep.py {shlex.join(sys.argv[1:])}`",
+        f"- Server: Triton {server.version} at {url} ({protocol}); "
+        + "; ".join(f"`{MODEL_CHOICES[m]}` ({server.describe(MODEL_CHOICES[m])})" for m in models),
+        f"- Client machine (perf_analyzer {pa.version()}): {machine_description()}",
+        (f"- Measurement: count_windows, {measurement_request_count} requests per window, stability "
+        f"{stability_percentage:g}%, up to {max_trials} windows; input: {input_description}"),
+        f"- Raw perf_analyzer CSVs and logs: `{raw_dir}`",
+    ]
+    model_alone = next((MODEL_CHOICES[p] for p in ("fp32", "fp16") if p in models), None)
+    math = "FP32" if model_alone and server.on_cpu(model_alone) else "TF32"
+    report = write_report(output_dir, measurements, models, concurrency, header, in_process, math,
+                          steps=server.steps(io.ENSEMBLE))
+    kind = server.describe(model_alone or io.ENSEMBLE)
+    plot = perf_report.plot(measurements, output_dir / "perf_sweep.png",
+                            f"SSD300 on Triton {server.version} ({protocol}, {kind}), perf_analyzer")
+    perf_report.save_measurements(output_dir / "measurements.json", measurements,
+                                  {"url": url, "protocol": protocol, "server_version": server.version})
+    click.echo(report.read_text())
+    click.echo(f"wrote {report}, {plot}, {output_dir / 'measurements.json'} and {len(runs)} raw CSVs in {raw_dir}",
+               err=True)
+
+
+def sweep(pa: PerfAnalyzer, runs: list[Run], url: str, protocol: str, inputs: dict, options: dict,
+          raw_dir: Path) -> list[perf_report.Measurement]:
+    """One perf_analyzer process per run; each run's CSV read back as soon as it is written."""
+    measurements = []
+    progress = tqdm(runs, desc="perf_analyzer", unit="run")
+    for run in progress:
+        progress.set_postfix_str(f"{run.model} b{run.batch_size} c{run.concurrency}")
+        args = perf_analyzer_args(run, url, protocol, inputs[run.precision].resolve(), options)
+        run_perf_analyzer(pa, run, args, raw_dir)
+        try:
+            measurements.append(perf_report.read_measurement(
+                raw_dir, run.csv_name, run.precision, run.model, run.batch_size, run.concurrency))
+        except perf_report.ReportError as err:
+            raise click.ClickException(str(err)) from None
+    return measurements
+
+
+if __name__ == "__main__":
+    main()
