@@ -131,6 +131,9 @@ def _precision_options(func):
 @click.option("--num-workers", "-j", type=int, default=None, help="Data loading workers/threads.")
 @click.option("--json-summary", type=click.Path(path_type=Path), help="Write the final summary (mAP, ...) here.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N [default: cuda when available].")
+@click.option("--precise-bn", default=0, show_default=True, metavar="BATCHES",
+              help="Before each evaluation (and the last checkpoint) recompute BatchNorm statistics over this "
+                   "many training batches; helps short or small-batch runs (the reference does not).")
 @click.option("--augment/--no-augment", default=True, show_default=True,
               help="SSD training augmentations (random IoU crop, flip, colour jitter).")
 @_data_backend_option()

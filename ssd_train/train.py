@@ -54,6 +54,7 @@ class FitConfig:
     channels_last: bool = True
     log_interval: int = 20
     progress: bool = True
+    precise_bn: int = 0  # batches to recompute BatchNorm statistics on before evaluating/the last save
 
 
 @dataclass
@@ -140,6 +141,29 @@ def train_step(model, loss_fn, optimizer, scaler, batch, device, amp: bool, chan
         loss.backward()
         optimizer.step()
     return loss.detach()
+
+
+@torch.no_grad()
+def recompute_bn_statistics(model, loader, num_batches: int, device, channels_last: bool) -> None:
+    """Set every BatchNorm's running statistics to the exact average over `num_batches` training
+    batches, with the current weights. The running averages lag the weights while they change fast
+    (short runs, high learning rates, small batches), which can make the eval-mode model much worse
+    than the one training sees; off (0 batches) by default, as in the reference."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    was_training = model.training
+    model.train()
+    for i, (images, _, _) in enumerate(loader):
+        if i == num_batches:
+            break
+        images = images.to(device, non_blocking=True)
+        model(images.contiguous(memory_format=torch.channels_last) if channels_last else images)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.train(was_training)
 
 
 class MetricsLog:
@@ -247,8 +271,11 @@ def fit(cfg: FitConfig) -> dict:
                                   lr=scheduler.get_last_lr()[0])
         if not running:
             raise RuntimeError("the training loader yielded no batch")
+        evaluate_now = epoch in cfg.evaluation or epoch == cfg.epochs - 1
+        if cfg.precise_bn and evaluate_now:
+            recompute_bn_statistics(model, train_loader, cfg.precise_bn, device, cfg.channels_last)
         if ddp.enabled:
-            # DDP keeps parameters in step, but each rank's BatchNorm statistics saw its own last batch:
+            # DDP keeps parameters in step, but each rank's BatchNorm statistics saw its own batches:
             # take rank 0's so every rank evaluates (and rank 0 saves) the same model.
             for buffer in model.buffers():
                 dist.broadcast(buffer, src=0)
@@ -262,7 +289,7 @@ def fit(cfg: FitConfig) -> dict:
             ckpt.save_checkpoint(cfg.save / f"epoch_{epoch}.pt", ckpt.training_state(
                 epoch=epoch + 1, iteration=iteration, model=model, optimizer=optimizer, scheduler=scheduler,
                 scaler=scaler, label_map=label_map, backbone=backbone))
-        if epoch in cfg.evaluation or epoch == cfg.epochs - 1:
+        if evaluate_now:
             result = evaluate_model(model, eval_loader, label_map, annotation_file, device, amp,
                                     cfg.channels_last, cfg.progress and ddp.is_main)
             if ddp.is_main:
