@@ -145,6 +145,7 @@ def fit(**options):
     from ssd_train.train import FitConfig, fit as run_fit
 
     options["data_backend"] = options["data_backend"] or default_backend()
+    _check_training_batch(options["batch_size"])
     summary = run_fit(FitConfig(**options))
     if summary.get("coco_summary"):
         click.echo(summary["coco_summary"].rstrip())
@@ -189,6 +190,12 @@ def evaluate(data, checkpoint, split, backbone, eval_batch_size, num_workers, js
     click.echo(f"mAP {result['mAP']:.4f}")
     if json_summary:
         write_summary(json_summary, result, checkpoint=str(checkpoint), split=split)
+
+
+def _check_training_batch(batch_size: int) -> None:
+    if batch_size < 2:
+        raise click.BadParameter("training needs at least 2 images per batch and process (BatchNorm "
+                                 "normalises the 1x1 feature map over the batch)", param_hint="--batch-size")
 
 
 def torch_channels_last():
@@ -289,6 +296,8 @@ def benchmark(mode, batch_size, batch_sizes, amp, tf32, channels_last, compile_m
     else:
         precisions = [amp]
     sizes = list(batch_sizes or [batch_size])
+    if mode == "training":
+        _check_training_batch(min(sizes))
     math_name = "TF32" if device.type == "cuda" and tf32 else "FP32"
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     click.echo(f"{mode} benchmark of SSD300 ({backbone}) on {where}, {benchmark_iterations} timed iterations "

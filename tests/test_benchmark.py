@@ -17,9 +17,9 @@ def test_table_columns_from_results():
     assert rows[3] == "| 4 | 4.00 | 8.00 | 200% | 200% | 200% |"
 
 
-def _benchmark(tmp_path, mode, *extra):
+def _benchmark(tmp_path, mode, *extra, sizes="1,2"):
     summary = tmp_path / f"{mode}.json"
-    result = CliRunner().invoke(cli, ["benchmark", "--mode", mode, "--batch-sizes", "1,2", "--backbone", "resnet18",
+    result = CliRunner().invoke(cli, ["benchmark", "--mode", mode, "--batch-sizes", sizes, "--backbone", "resnet18",
                                       "--benchmark-warmup", "1", "--benchmark-iterations", "2",
                                       "--json-summary", str(summary), *extra], catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -37,7 +37,13 @@ def test_inference_sweep(tmp_path):
 
 
 def test_training_on_a_dataset(tmp_path, shapes_dir):
-    output, summary = _benchmark(tmp_path, "training", "--data", str(shapes_dir), "--data-backend", "pytorch")
+    output, summary = _benchmark(tmp_path, "training", "--data", str(shapes_dir), "--data-backend", "pytorch",
+                                 sizes="2,4")
     assert summary["mode"] == "training" and summary["data"] == str(shapes_dir)
     assert all(r["throughput_mean"] > 0 for r in summary["results"])
     assert "real images from" in output
+
+
+def test_training_batch_of_one_is_refused():
+    result = CliRunner().invoke(cli, ["benchmark", "--mode", "training", "--batch-size", "1"])
+    assert result.exit_code == 2 and "at least 2 images per batch" in result.output
