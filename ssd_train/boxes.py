@@ -157,6 +157,30 @@ class Detections(NamedTuple):
         ]
 
 
+def _nms_per_group(boxes: torch.Tensor, scores: torch.Tensor, group: torch.Tensor, iou_threshold: float
+                   ) -> torch.Tensor:
+    """Indices kept by NMS within each group (an (image, class) pair); `group` is non-decreasing and
+    each group's boxes come best first.
+
+    On CUDA: one NMS call for the whole batch, each group shifted to its own region of the plane
+    (boxes lie in [0, 1], so an offset of 2 x group index separates them; float64 keeps the boxes'
+    precision at offsets of thousands). The GPU kernel compares all pairs in parallel.
+    On CPU the kernel is a sequential O(n^2) scan over all candidates, so one call over a batch grows
+    with the square of the batch (4 s for 8 images of an untrained model's 16k candidates each):
+    there, one call per group (at most 200 boxes each) on contiguous slices keeps it linear."""
+    if boxes.device.type == "cuda":
+        shifted = boxes.double() + (group.double() * 2.0)[:, None]
+        return nms(shifted, scores.double(), iou_threshold)
+    if len(group) == 0:
+        return group
+    _, sizes = torch.unique_consecutive(group, return_counts=True)
+    kept, start = [], 0
+    for size in sizes.tolist():
+        kept.append(nms(boxes[start:start + size], scores[start:start + size], iou_threshold) + start)
+        start += size
+    return torch.cat(kept)
+
+
 def postprocess(
     locs: torch.Tensor,
     scores: torch.Tensor,
@@ -168,7 +192,7 @@ def postprocess(
 ) -> Detections:
     """Model outputs (N, 4, D) and (N, C, D) -> detections: softmax, drop background, keep the
     `topk_per_class` best boxes per class above `score_threshold`, per-class NMS, then the
-    `max_detections` best per image. One NMS call for the whole batch. Boxes are clipped to [0, 1]."""
+    `max_detections` best per image. Boxes are clipped to [0, 1]."""
     n, num_classes, num_boxes = scores.shape
     device = locs.device
     boxes = decode(locs, spec).clamp_(0, 1)  # (N, D, 4); clipped to the image, like torchvision's SSD
@@ -177,12 +201,9 @@ def postprocess(
     image, cls, rank = (top_scores > score_threshold).nonzero(as_tuple=True)
     cand_scores = top_scores[image, cls, rank]
     cand_boxes = boxes[image, top_index[image, cls, rank]]
-    # NMS per (image, class) in one call: boxes lie in [0, 1], so shifting each group by 2 * its
-    # index puts it in a region of the plane that no other group overlaps (float64: float32 would
-    # lose the boxes' precision at offsets of thousands).
-    group = image * (num_classes - 1) + cls
-    shifted = cand_boxes.double() + (group.double() * 2.0)[:, None]
-    keep = nms(shifted, cand_scores.double(), iou_threshold)  # best first
+    group = image * (num_classes - 1) + cls  # non-decreasing: nonzero() walks (image, class) in order
+    keep = _nms_per_group(cand_boxes, cand_scores, group, iou_threshold)
+    keep = keep[torch.sort(cand_scores[keep], descending=True, stable=True).indices]
     keep = keep[torch.sort(image[keep], stable=True).indices]  # by image, best first within
     kept_image = image[keep]
     per_image = torch.bincount(kept_image, minlength=n)
