@@ -169,8 +169,16 @@ def _nms_per_group(boxes: torch.Tensor, scores: torch.Tensor, group: torch.Tenso
     with the square of the batch (4 s for 8 images of an untrained model's 16k candidates each):
     there, one call per group (at most 200 boxes each) on contiguous slices keeps it linear."""
     if boxes.device.type == "cuda":
-        shifted = boxes.double() + (group.double() * 2.0)[:, None]
-        return nms(shifted, scores.double(), iou_threshold)
+        return _nms_one_call(boxes, scores, group, iou_threshold)
+    return _nms_group_slices(boxes, scores, group, iou_threshold)
+
+
+def _nms_one_call(boxes, scores, group, iou_threshold: float) -> torch.Tensor:
+    shifted = boxes.double() + (group.double() * 2.0)[:, None]
+    return nms(shifted, scores.double(), iou_threshold)
+
+
+def _nms_group_slices(boxes, scores, group, iou_threshold: float) -> torch.Tensor:
     if len(group) == 0:
         return group
     _, sizes = torch.unique_consecutive(group, return_counts=True)

@@ -3,7 +3,7 @@
 import torch
 from torchvision.ops import nms
 
-from ssd_train.boxes import decode, postprocess
+from ssd_train.boxes import _nms_group_slices, _nms_one_call, decode, postprocess
 
 
 def reference(locs, scores, threshold=0.05, topk=200, iou=0.5, max_det=200):
@@ -66,3 +66,18 @@ def test_identical_boxes_of_different_classes_both_kept():
     scores[0, 2, 100] = 10.0
     out = postprocess(locs, scores)
     assert out.counts.item() == 2 and sorted(out.labels[0, :2].tolist()) == [1, 2]
+
+
+def test_gpu_and_cpu_strategies_keep_the_same_boxes():
+    """The one-call NMS used on CUDA and the per-group slices used on CPU agree (run here on CPU)."""
+    torch.manual_seed(2)
+    group = torch.sort(torch.randint(0, 30, (3000,))).values
+    low = torch.rand(3000, 2) * 0.8
+    boxes = torch.cat([low, low + 0.05 + torch.rand(3000, 2) * 0.2], 1).clamp(0, 1)
+    scores = torch.rand(3000)
+    # each group's boxes best first, as postprocess hands them over
+    order = torch.argsort(group * 2 - scores, stable=True)
+    boxes, scores = boxes[order], scores[order]
+    one_call = set(_nms_one_call(boxes, scores, group, 0.5).tolist())
+    slices = set(_nms_group_slices(boxes, scores, group, 0.5).tolist())
+    assert one_call == slices and 0 < len(slices) < 3000
