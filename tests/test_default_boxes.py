@@ -45,3 +45,10 @@ def test_device_copy_is_equal():
 def test_bad_order():
     with pytest.raises(ValueError):
         default_boxes(order="cxcy")
+
+
+def test_serving_input_size_is_the_box_spec_figure_size():
+    """The Triton preprocess (serving.io, torch-free) and the default boxes agree on the input size."""
+    from ssd_train.serving import io
+
+    assert io.INPUT_SIZE == SSD300.fig_size
