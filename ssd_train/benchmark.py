@@ -9,13 +9,15 @@ size range) -- the model's cost does not depend on the pixel values.
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from ssd_train.boxes import encode, match, postprocess
+from ssd_train.boxes import SSD300, encode, match, postprocess
 from ssd_train.data import IMAGENET_MEAN, IMAGENET_STD
 from ssd_train.inference import autocast
 from ssd_train.loss import SSDLoss
@@ -62,7 +64,8 @@ def normalize_on_device(images_uint8: torch.Tensor) -> torch.Tensor:
 
 def synthetic_images(batch_size: int, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (batch_size, 300, 300, 3), dtype=torch.uint8, generator=generator)
+    size = SSD300.fig_size
+    return torch.randint(0, 256, (batch_size, size, size, 3), dtype=torch.uint8, generator=generator)
 
 
 def synthetic_targets(batch_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,8 +173,6 @@ def _real_data(mode: str, data_dir, data_backend: str, batch_size: int, device: 
     from ssd_train.data.loaders import build_train_loader
 
     if mode == "inference":
-        from pathlib import Path
-
         import numpy as np
         from PIL import Image
 
@@ -179,7 +180,7 @@ def _real_data(mode: str, data_dir, data_backend: str, batch_size: int, device: 
 
         dataset = CocoDetection(Path(data_dir), "val2017", skip_empty=False)
         picks = [i % len(dataset) for i in range(batch_size)]
-        arrays = [np.asarray(dataset.load_image(i).resize((300, 300), Image.BILINEAR)) for i in picks]
+        arrays = [np.asarray(dataset.load_image(i).resize((SSD300.fig_size,) * 2, Image.BILINEAR)) for i in picks]
         return torch.from_numpy(np.stack(arrays))
 
     loader = build_train_loader(data_backend, data_dir, "train2017", batch_size, device=str(device))
@@ -193,6 +194,21 @@ def _real_data(mode: str, data_dir, data_backend: str, batch_size: int, device: 
             epoch += 1
 
     return forever()
+
+
+def result_line(result: BenchmarkResult) -> str:
+    s = result.summary()
+    line = (f"batch {s['batch_size']:>3} {s['precision']:>4}: mean {s['throughput_mean']:.2f} img/s, "
+            f"median {s['throughput_median']:.2f}, min {s['throughput_min']:.2f}, "
+            f"max {s['throughput_max']:.2f}, latency {s['latency_mean_ms']:.1f} ms")
+    if "postprocess_mean_ms" in s:
+        line += f"; decode+NMS {s['postprocess_mean_ms']:.1f} ms ({100 * s['postprocess_share']:.1f}% of the forward)"
+    return line
+
+
+def write_summary(path, results: list[BenchmarkResult], **context) -> None:
+    """The JSON summary (`tools/perf_sweep.py --compare-in-process` reads it): context + per-run results."""
+    Path(path).write_text(json.dumps({**context, "results": [r.summary() for r in results]}, indent=1) + "\n")
 
 
 def sweep_table(results: list[BenchmarkResult], math_name: str) -> str:

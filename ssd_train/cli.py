@@ -287,7 +287,7 @@ def benchmark(mode, batch_size, batch_sizes, amp, tf32, channels_last, compile_m
     """Throughput in images/s (mean, median, min, max) and the seeds' table for a sweep."""
     import torch
 
-    from ssd_train.benchmark import run_sweep, sweep_table
+    from ssd_train.benchmark import result_line, run_sweep, sweep_table, write_summary
     from ssd_train.train import pick_device
 
     device = torch.device(pick_device(device))
@@ -303,27 +303,16 @@ def benchmark(mode, batch_size, batch_sizes, amp, tf32, channels_last, compile_m
     click.echo(f"{mode} benchmark of SSD300 ({backbone}) on {where}, {benchmark_iterations} timed iterations "
                f"after {benchmark_warmup} warmup; {'real images from ' + str(data) if data else 'synthetic data'}")
 
-    def report(result):
-        s = result.summary()
-        line = (f"batch {s['batch_size']:>3} {s['precision']:>4}: mean {s['throughput_mean']:.2f} img/s, "
-                f"median {s['throughput_median']:.2f}, min {s['throughput_min']:.2f}, "
-                f"max {s['throughput_max']:.2f}, latency {s['latency_mean_ms']:.1f} ms")
-        if "postprocess_mean_ms" in s:
-            line += (f"; decode+NMS {s['postprocess_mean_ms']:.1f} ms "
-                     f"({100 * s['postprocess_share']:.1f}% of the forward)")
-        click.echo(line)
-
     from ssd_train.data.loaders import default_backend
 
     results = run_sweep(mode, sizes, precisions, device, backbone, benchmark_warmup, benchmark_iterations, tf32,
-                        channels_last, compile_model, data, data_backend or default_backend(), report)
+                        channels_last, compile_model, data, data_backend or default_backend(),
+                        lambda result: click.echo(result_line(result)))
     click.echo("")
     click.echo(sweep_table(results, math_name))
     if json_summary:
-        Path(json_summary).write_text(json.dumps({
-            "mode": mode, "device": where, "backbone": backbone, "tf32": tf32, "channels_last": channels_last,
-            "compile": compile_model, "data": str(data) if data else "synthetic",
-            "results": [r.summary() for r in results]}, indent=1) + "\n")
+        write_summary(json_summary, results, mode=mode, device=where, backbone=backbone, tf32=tf32,
+                      channels_last=channels_last, compile=compile_model, data=str(data) if data else "synthetic")
 
 
 def main():

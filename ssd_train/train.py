@@ -271,6 +271,7 @@ def fit(cfg: FitConfig) -> dict:
                                   lr=scheduler.get_last_lr()[0])
         if not running:
             raise RuntimeError("the training loader yielded no batch")
+        seconds = time.perf_counter() - epoch_start  # training only: not the BN and evaluation work below
         evaluate_now = epoch in cfg.evaluation or epoch == cfg.epochs - 1
         if cfg.precise_bn and evaluate_now:
             recompute_bn_statistics(model, train_loader, cfg.precise_bn, device, cfg.channels_last)
@@ -279,7 +280,6 @@ def fit(cfg: FitConfig) -> dict:
             # take rank 0's so every rank evaluates (and rank 0 saves) the same model.
             for buffer in model.buffers():
                 dist.broadcast(buffer, src=0)
-        seconds = time.perf_counter() - epoch_start
         epoch_images = len(running) * cfg.batch_size * ddp.world_size
         images_seen += epoch_images
         epoch_loss = torch.stack(running).mean().item()

@@ -69,22 +69,22 @@ def assert_same_detections(outputs: dict, expected: list[list[dict]]) -> None:
         assert not classes[count:].any() and not scores[count:].any()  # zero padding
 
 
-def http_infer(url: str, images: list[bytes]) -> dict:
+def infer(client_module, url: str, images: list[bytes]) -> dict:
+    """One zero-padded batch through the ensemble with tritonclient's http or grpc module."""
     batch = padded(images)
-    image = httpclient.InferInput(io.IMAGE, list(batch.shape), "UINT8")
+    image = client_module.InferInput(io.IMAGE, list(batch.shape), io.ENSEMBLE_INPUT_DTYPES[io.IMAGE])
     image.set_data_from_numpy(batch)
-    with httpclient.InferenceServerClient(url) as client:
+    with client_module.InferenceServerClient(url) as client:
         result = client.infer(io.ENSEMBLE, [image])
     return {name: result.as_numpy(name) for name in io.DETECTION_OUTPUTS}
+
+
+def http_infer(url: str, images: list[bytes]) -> dict:
+    return infer(httpclient, url, images)
 
 
 def grpc_infer(url: str, images: list[bytes]) -> dict:
-    batch = padded(images)
-    image = grpcclient.InferInput(io.IMAGE, list(batch.shape), "UINT8")
-    image.set_data_from_numpy(batch)
-    with grpcclient.InferenceServerClient(url) as client:
-        result = client.infer(io.ENSEMBLE, [image])
-    return {name: result.as_numpy(name) for name in io.DETECTION_OUTPUTS}
+    return infer(grpcclient, url, images)
 
 
 def free_port() -> int:
