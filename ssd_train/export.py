@@ -7,6 +7,8 @@ Writes, each verified before it replaces anything (temp file + rename):
   (synthetic photos run through the DALI preprocessing the server uses), at another batch size
   than it was traced with.
 - `ssd300_postprocess/1/labels.json`: the label map (contiguous label -> dataset category id).
+- `manifest.json`, last: the SHA-256 of each file above, so `ssd-serve` can refuse a mixed or stale
+  set (`ssd_train.serving.manifest`).
 - with `onnx=True`, `ssd300_fp32/1/model.onnx` (float32, dynamic batch, the same tensor names):
   checked by `onnx.checker` and, when onnxruntime is installed, against the TorchScript outputs.
   It sits beside the served model.pt as a hand-off artifact (TensorRT's trtexec, onnxruntime,
@@ -38,6 +40,7 @@ import torch
 from torch import nn
 
 from ssd_train.serving import io
+from ssd_train.serving.manifest import ARTIFACTS, MANIFEST_FILE, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +48,7 @@ PRECISIONS = ("fp32", "fp16")
 # The model configs and model code in git (a source checkout; `pip install -e .`).
 PACKAGE_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 # Files of the package repository that export produces or that are build leftovers.
-_ARTIFACTS = shutil.ignore_patterns(io.TORCHSCRIPT_FILE, io.ONNX_FILE, io.DALI_FILE, io.LABELS_FILE,
-                                    "__pycache__", "*.pyc", "*.tmp")
+_ARTIFACTS = shutil.ignore_patterns(*ARTIFACTS, io.DALI_FILE, MANIFEST_FILE, "__pycache__", "*.pyc", "*.tmp")
 # Largest traced-vs-eager (fp32 model) difference accepted, as a fraction of the output's range.
 # fp32: a trace runs eager's kernels, only batch-size dependent kernel choices move the last bits.
 # fp16: rounding moves SSD300's outputs by ~1e-3; broken traces, casts or overflow by far more.
@@ -99,6 +101,10 @@ def export_model_repository(
             written.append(write_onnx(model, sample, onnx_reference, path))
     labels = repository / io.POSTPROCESS / "1" / io.LABELS_FILE
     written.append(_atomic_write_bytes(labels, _label_map_json(label_map)))
+    # Last: the manifest makes the files above one consistent set (ssd-serve checks it).
+    artifacts = [path for path in written if path.name in ARTIFACTS]
+    written.append(write_manifest(repository, artifacts, checkpoint=str(checkpoint), precisions=list(precisions),
+                                  classes=label_map.num_classes))
     log.info("exported %s (%d classes) to %s", ", ".join(precisions), label_map.num_classes, repository)
     return written
 

@@ -19,6 +19,7 @@ from ssd_train.data.dali import Preprocessor
 from ssd_train.export import (PACKAGE_REPOSITORY, ExportError, export_model_repository, install_configs,
                               sample_batch, write_torchscript)
 from ssd_train.serving import io
+from ssd_train.serving.manifest import MANIFEST_FILE, ManifestError, verify_repository
 
 DATA_DIR = Path(skimage.data.__file__).parent  # real photos shipped with scikit-image
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*:FutureWarning")  # torch 2.9+ deprecation notes
@@ -63,6 +64,8 @@ def test_export_writes_weights_labels_and_the_configs(exported, eager):
                 repository / io.POSTPROCESS / "1" / io.LABELS_FILE,
                 repository / io.PREPROCESS / "1" / "dali.py",
                 repository / io.POSTPROCESS / "1" / "model.py",
+                repository / io.VALIDATE / "1" / "model.py",
+                repository / MANIFEST_FILE,
                 *(repository / name / "config.pbtxt" for name in io.MODELS)}
     assert set(written) == expected
     assert all(path.is_file() for path in written)
@@ -72,6 +75,32 @@ def test_export_writes_weights_labels_and_the_configs(exported, eager):
     assert not (repository / io.MODEL_FP16 / "1" / io.TORCHSCRIPT_FILE).exists()
     assert json.loads((repository / io.POSTPROCESS / "1" / io.LABELS_FILE).read_text()) == label_map.to_json()
     assert not list(repository.rglob("*.tmp"))
+    assert written[-1] == repository / MANIFEST_FILE  # last: it vouches for the files before it
+    manifest = verify_repository(repository)
+    assert sorted(manifest["files"]) == [f"{io.MODEL_FP32}/1/{io.ONNX_FILE}", f"{io.MODEL_FP32}/1/{io.TORCHSCRIPT_FILE}",
+                                         f"{io.POSTPROCESS}/1/{io.LABELS_FILE}"]
+    assert manifest["precisions"] == ["fp32"]
+
+
+def test_the_manifest_refuses_mixed_stale_or_edited_exports(exported, tmp_path):
+    repository = tmp_path / "repository"
+    shutil.copytree(exported[0], repository)
+    verify_repository(repository)
+    stale = repository / io.MODEL_FP16 / "1" / io.TORCHSCRIPT_FILE  # an old fp16 export left beside
+    stale.write_bytes(b"an older model")
+    with pytest.raises(ManifestError, match=f"{io.MODEL_FP16}/1/model.pt is not part of the last export .*delete it"):
+        verify_repository(repository)
+    stale.unlink()
+    labels = repository / io.POSTPROCESS / "1" / io.LABELS_FILE
+    labels.write_text(labels.read_text().replace("circle", "disc"))  # edited after the export
+    with pytest.raises(ManifestError, match="labels.json is not the file the last export wrote"):
+        verify_repository(repository)
+    labels.unlink()
+    with pytest.raises(ManifestError, match="labels.json, listed in manifest.json, is missing"):
+        verify_repository(repository)
+    (repository / MANIFEST_FILE).unlink()
+    with pytest.raises(ManifestError, match="has no manifest.json .* run ssd-train export again"):
+        verify_repository(repository)
 
 
 def test_torchscript_matches_eager_on_real_photos(exported, eager, photo_batch):

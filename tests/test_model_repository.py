@@ -14,8 +14,10 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from ssd_train.boxes import MAX_DETECTIONS, SSD300
 from ssd_train.export import PACKAGE_REPOSITORY
-from ssd_train.serving import cpu_flavour, io
-from ssd_train.serving.cpu_flavour import ConfigError, derive_cpu_repository, model_kind, read_config
+from ssd_train.serving import io, served_repository
+from ssd_train.serving.image_check import ImageLimits
+from ssd_train.serving.served_repository import (ConfigError, derive_cpu_repository, derive_repository, model_kind,
+                                                 read_config)
 
 BOXES = SSD300.num_boxes
 FP32, INT32, UINT8 = mc.TYPE_FP32, mc.TYPE_INT32, mc.TYPE_UINT8
@@ -32,6 +34,7 @@ MODEL_IO = (
 )
 # (inputs, outputs) of each model: (name, type, dims) in config order.
 SIGNATURES = {
+    io.VALIDATE: ([(io.IMAGE, UINT8, [-1])], [(io.VALID_IMAGE, UINT8, [-1])]),
     io.PREPROCESS: ([(io.IMAGE, UINT8, [-1])],
                     [(io.PREPROCESSED_IMAGE, FP32, [3, SIZE, SIZE]), (io.IMAGE_SIZE, INT32, [2])]),
     io.MODEL_FP32: MODEL_IO,
@@ -40,7 +43,7 @@ SIGNATURES = {
                      DETECTIONS),
     io.ENSEMBLE: ([(io.IMAGE, UINT8, [-1])], DETECTIONS),
 }
-KINDS = {io.PREPROCESS: "dali", io.MODEL_FP32: "pytorch_libtorch", io.MODEL_FP16: "pytorch_libtorch",
+KINDS = {io.VALIDATE: "python", io.PREPROCESS: "dali", io.MODEL_FP32: "pytorch_libtorch", io.MODEL_FP16: "pytorch_libtorch",
          io.POSTPROCESS: "python", io.ENSEMBLE: "ensemble"}
 
 
@@ -96,11 +99,14 @@ def test_production_config_uses_io_names_types_and_shapes(production, name):
 def test_production_models_batch_dynamically_on_the_gpu(production, name):
     config = production[name]
     assert config.HasField("dynamic_batching")
-    assert [g.kind for g in config.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
+    # The image check is CPU work (header parsing): no GPU instance for it.
+    kind = mc.ModelInstanceGroup.KIND_CPU if name == io.VALIDATE else mc.ModelInstanceGroup.KIND_GPU
+    assert [g.kind for g in config.instance_group] == [kind]
 
 
-def test_preprocess_batches_images_of_different_lengths(production):
-    (image,) = production[io.PREPROCESS].input
+@pytest.mark.parametrize("name", [io.VALIDATE, io.PREPROCESS])
+def test_image_steps_batch_images_of_different_lengths(production, name):
+    (image,) = production[name].input
     assert image.allow_ragged_batch
 
 
@@ -133,7 +139,7 @@ def ensemble_wiring(all_configs: dict) -> list[str]:
 
 
 def test_production_ensemble_wiring_runs_fp16(production):
-    assert ensemble_wiring(production) == [io.PREPROCESS, io.MODEL_FP16, io.POSTPROCESS]
+    assert ensemble_wiring(production) == [io.VALIDATE, io.PREPROCESS, io.MODEL_FP16, io.POSTPROCESS]
 
 
 def test_dali_model_has_exactly_one_autoserialize_pipeline():
@@ -202,17 +208,17 @@ def test_cpu_flavour_agrees_with_production(production, cpu, name):
 def test_cpu_flavour_ensemble_runs_fp32(cpu):
     _, _, names, cpu_configs = cpu
     assert names[-1] == io.ENSEMBLE and sorted(names) == sorted(io.MODELS)
-    assert ensemble_wiring(cpu_configs) == [io.PREPROCESS, io.MODEL_FP32, io.POSTPROCESS]
+    assert ensemble_wiring(cpu_configs) == [io.VALIDATE, io.PREPROCESS, io.MODEL_FP32, io.POSTPROCESS]
 
 
 def test_cpu_flavour_reuses_production_code_and_weights(cpu):
     production, target, _, _ = cpu
     for name in (io.MODEL_FP32, io.MODEL_FP16):
         assert (target / name / "1" / io.TORCHSCRIPT_FILE).resolve() == (production / name / "1" / io.TORCHSCRIPT_FILE).resolve()
-    for file in ("model.py", io.LABELS_FILE):
-        assert (target / io.POSTPROCESS / "1" / file).resolve() == (production / io.POSTPROCESS / "1" / file).resolve()
+    for name, file in ((io.POSTPROCESS, "model.py"), (io.POSTPROCESS, io.LABELS_FILE), (io.VALIDATE, "model.py")):
+        assert (target / name / "1" / file).resolve() == (production / name / "1" / file).resolve()
     # Generated model.py files import an existing class of cpu_models (which imports only in a stub).
-    classes = {node.name for node in ast.parse(Path(cpu_flavour.__file__).with_name("cpu_models.py").read_text()).body
+    classes = {node.name for node in ast.parse(Path(served_repository.__file__).with_name("cpu_models.py").read_text()).body
                if isinstance(node, ast.ClassDef)}
     for name in (io.PREPROCESS, io.MODEL_FP32, io.MODEL_FP16):
         (statement,) = [n for n in ast.parse((target / name / "1" / "model.py").read_text()).body]
@@ -223,6 +229,32 @@ def test_cpu_flavour_reuses_production_code_and_weights(cpu):
 def test_cpu_flavour_leaves_out_models_without_weights(tmp_path):
     production = fake_export(tmp_path, precisions=("fp32",))
     names = derive_cpu_repository(production, tmp_path / "cpu")
-    assert names == [io.PREPROCESS, io.MODEL_FP32, io.POSTPROCESS, io.ENSEMBLE]
+    assert names == [io.VALIDATE, io.PREPROCESS, io.MODEL_FP32, io.POSTPROCESS, io.ENSEMBLE]
     assert not (tmp_path / "cpu" / io.MODEL_FP16).exists()
 
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU flavour and operator settings
+
+
+def test_gpu_flavour_keeps_production_configs_and_links_their_files(production, tmp_path):
+    source = fake_export(tmp_path, precisions=("fp16",))
+    target = tmp_path / "gpu"
+    names = derive_repository(source, target, "gpu")
+    assert names == [io.VALIDATE, io.PREPROCESS, io.MODEL_FP16, io.POSTPROCESS, io.ENSEMBLE]  # no fp32 weights
+    derived = configs(target)
+    for name in names:
+        assert derived[name] == production[name], name
+    for name, file in ((io.PREPROCESS, "dali.py"), (io.MODEL_FP16, io.TORCHSCRIPT_FILE), (io.POSTPROCESS, "model.py")):
+        assert (target / name / "1" / file).resolve() == (source / name / "1" / file).resolve()
+
+
+@pytest.mark.parametrize("flavour", ["gpu", "cpu"])
+def test_image_limits_reach_the_validate_config(tmp_path, flavour):
+    limits = ImageLimits(max_pixels=1234, max_image_bytes=5678, max_request_bytes=91011)
+    target = tmp_path / flavour
+    derive_repository(fake_export(tmp_path), target, flavour, parameters={io.VALIDATE: limits.as_parameters()})
+    parameters = read_config(target / io.VALIDATE / "config.pbtxt").parameters
+    as_json = {key: {"string_value": value.string_value} for key, value in parameters.items()}
+    assert ImageLimits.from_parameters(as_json) == limits

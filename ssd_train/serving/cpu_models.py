@@ -18,12 +18,7 @@ from torch.utils.dlpack import from_dlpack, to_dlpack
 
 from ssd_train.data.dali import ImageDecodeError, Preprocessor
 from ssd_train.serving import io
-
-
-def _error(message: str):
-    return pb_utils.InferenceResponse(
-        output_tensors=[], error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
-    )
+from ssd_train.serving.responses import invalid_input, server_fault
 
 
 def _parameter(config: dict, key: str, default: str) -> str:
@@ -64,7 +59,7 @@ class DaliPreprocessModel:
         try:
             return self._response(*self.preprocess.run_padded(batch))
         except ImageDecodeError as err:
-            return _error(f"{io.IMAGE} {err}")
+            return invalid_input(f"{io.IMAGE} {err}")
 
     @staticmethod
     def _response(images: np.ndarray, sizes: np.ndarray):
@@ -89,7 +84,7 @@ class TorchScriptModel:
             with torch.inference_mode():
                 locs, scores = self.model(torch.cat(inputs))
         except Exception as err:  # a failed forward fails every request that shared it
-            return [_error(f"model failed: {err}")] * len(requests)
+            return [server_fault(f"model failed: {err}")] * len(requests)
         responses, start = [], 0
         for images in inputs:
             rows = slice(start, start + len(images))

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 # Models of the repository.
 ENSEMBLE = "ssd300"  # the public entry point: encoded image bytes in, detections out
+VALIDATE = "ssd300_validate"  # python: format, structure and size checks before any decoding
 PREPROCESS = "ssd300_preprocess"  # DALI: decode, resize 300x300, normalise
 MODEL_FP32 = "ssd300_fp32"  # TorchScript SSD300
 MODEL_FP16 = "ssd300_fp16"
 POSTPROCESS = "ssd300_postprocess"  # python: decode boxes + batched NMS (ssd_train.boxes)
-MODELS = (PREPROCESS, MODEL_FP32, MODEL_FP16, POSTPROCESS, ENSEMBLE)
+MODELS = (VALIDATE, PREPROCESS, MODEL_FP32, MODEL_FP16, POSTPROCESS, ENSEMBLE)
 
 
 def model_name(precision: str) -> str:
@@ -20,6 +21,8 @@ MAX_BATCH_SIZE = 64
 
 # Ensemble and preprocess input: encoded JPEG/PNG bytes, zero-padded to a common length in a batch.
 IMAGE = "IMAGE"
+# Validate output: the same bytes, passed on once checked (the preprocess step's IMAGE).
+VALID_IMAGE = "VALID_IMAGE"
 # Preprocess outputs.
 PREPROCESSED_IMAGE = "PREPROCESSED_IMAGE"  # FP32 [3, 300, 300], ImageNet-normalised
 IMAGE_SIZE = "IMAGE_SIZE"  # INT32 [2]: original (height, width)

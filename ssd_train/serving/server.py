@@ -4,9 +4,19 @@ Two flavours of one repository:
 - "gpu": the `tritonserver` on PATH with the dali, pytorch and python backends (the NGC container)
   serves the production repository as it is.
 - "cpu": the `tritonserver` bundled with `nvidia-pytriton` (python backend only) serves the CPU
-  flavour derived from it at launch (`cpu_flavour.py`): DALI and TorchScript steps as python models
-  running the same pipeline definition and the same `model.pt` on CPU.
+  flavour derived from it at launch (`served_repository.py`): DALI and TorchScript steps as python
+  models running the same pipeline definition and the same `model.pt` on CPU.
 "auto" (the default) picks "gpu" when that server, its backends and a GPU are there.
+
+Safe by default (README "Reliability and security"):
+- the repository must match the manifest its export wrote (`manifest.py`), or the server does not start;
+- no client can load, unload or upload models (`--model-control-mode=none` over a derived repository
+  holding just the models to serve), register shared memory, or change log and trace settings: those
+  APIs are restricted to requests carrying an admin key header, a random one nobody knows unless the
+  operator sets `admin_key` (which also turns on explicit model control) or `allow_shared_memory`;
+- image limits reach the ensemble's `ssd300_validate` step as config parameters;
+- tritonserver runs under a watchdog process (`watchdog.py`): when the owner dies, even by SIGKILL,
+  the server stops and the scratch directory goes.
 
 Python API (stable: the tests, `ssd_client`'s tests and the perf tools start servers with it):
 
@@ -21,13 +31,21 @@ Python API (stable: the tests, `ssd_client`'s tests and the perf tools start ser
     # leaving the block stops the server
 
     TritonServer(repository=DEFAULT_REPOSITORY, *, host="127.0.0.1", http_port=8000, grpc_port=8001,
-                 metrics_port=8002, flavour="auto", startup_timeout=600.0, log_file=None, extra_args=())
-                        extra_args: more tritonserver options, e.g. ["--log-verbose=1"]
+                 metrics_port=8002, flavour="auto", startup_timeout=600.0, stop_timeout=20.0,
+                 log_file=None, log_verbose=0, image_limits=None, allow_shared_memory=False,
+                 admin_key=None, extra_args=())
+                        image_limits: an image_check.ImageLimits (default: its defaults)
+                        admin_key: requests carrying it (HTTP header `admin-key`, gRPC metadata
+                            `triton-grpc-protocol-admin-key`) may load/unload models, register
+                            shared memory and change log/trace settings
+                        extra_args: more tritonserver options, e.g. ["--log-format=ISO8601"]
     .start() -> self    blocks until every model is ready; ServeError (with the log's last lines)
-                        when the repository has no exported weights, a port is taken, or the server
-                        dies or is not ready in time. Port 0 picks a free port.
+                        when the repository has no exported weights or does not match its manifest,
+                        a port is taken, or the server dies or is not ready in time. Port 0 picks
+                        a free port.
     .stop()             SIGTERM to the server's process group (its python stubs too), SIGKILL after
-                        `stop_timeout` seconds; idempotent, also run at interpreter exit.
+                        `stop_timeout` seconds (at once when interrupted again: a second Ctrl-C);
+                        idempotent, also run at interpreter exit.
     .wait() -> int      blocks while the server runs; its exit code.
     .running -> bool,   .log_tail(lines=20) -> str (also after stop),
     .log_file -> Path   the server's log while it runs (kept after stop only when passed in)
@@ -38,6 +56,8 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import re
+import secrets
 import shutil
 import signal
 import socket
@@ -52,17 +72,26 @@ from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
-from ssd_train.serving import io
-from ssd_train.serving.cpu_flavour import CONFIG_FILE, VERSION, ConfigError, derive_cpu_repository, model_kind, \
+from ssd_train.serving import image_check, io
+from ssd_train.serving.image_check import ImageLimits
+from ssd_train.serving.manifest import ManifestError, verify_repository
+from ssd_train.serving.watchdog import remove_leftovers
+from ssd_train.serving.served_repository import CONFIG_FILE, VERSION, ConfigError, derive_repository, model_kind, \
     read_config
 
 # The project's model repository (configs and model code in git, weights from `ssd-train export`).
 DEFAULT_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 FLAVOURS = ("auto", "gpu", "cpu")
 PRODUCTION_BACKENDS = ("dali", "pytorch", "python")
+# Management APIs closed to clients unless the operator opts in: model control (load, unload, upload
+# of model code that then runs in the server), shared-memory registration, log and trace settings
+# (which can name files the server writes).
+RESTRICTED_APIS = ("model-repository", "shared-memory", "logging", "trace")
+ADMIN_KEY_HEADER = "admin-key"  # HTTP header; gRPC clients send "triton-grpc-protocol-admin-key"
+ADMIN_KEY_ENV = "SSD_SERVE_ADMIN_KEY"
 # Log lines of no interest on a machine without a GPU.
 _NOISE = ("CUDA driver version is insufficient", "NVML", "DCGM", "Unable to allocate pinned system memory",
-          "cudaGetDeviceCount")
+          "cudaGetDeviceCount", "CudaDriverHelper")
 
 
 class ServeError(RuntimeError):
@@ -82,6 +111,10 @@ class TritonServer:
         startup_timeout: float = 600.0,
         stop_timeout: float = 20.0,
         log_file: str | Path | None = None,
+        log_verbose: int = 0,
+        image_limits: ImageLimits | None = None,
+        allow_shared_memory: bool = False,
+        admin_key: str | None = None,
         extra_args: Sequence[str] = (),
     ):
         if flavour not in FLAVOURS:
@@ -95,7 +128,15 @@ class TritonServer:
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
         self._log_file = Path(log_file) if log_file else None
+        self.log_verbose = int(log_verbose)
+        self.image_limits = image_limits or ImageLimits()
+        self.allow_shared_memory = allow_shared_memory
+        if admin_key is not None and not admin_key.strip():
+            raise ServeError("the admin key must not be empty")
+        self.admin_key = admin_key
         self.extra_args = list(extra_args)
+        # A prefix of our own: two servers on one machine must not share python-backend shm.
+        self._shm_prefix = f"ssd-serve-{os.getpid()}-{id(self):x}-"
         self._scratch: Path | None = None
         self._process: subprocess.Popen | None = None
         self._saved_tail = ""  # the log's end, kept when its scratch directory is removed
@@ -141,6 +182,10 @@ class TritonServer:
             raise ServeError("this server was already started")
         self.flavour = resolve_flavour(self.requested_flavour)
         check_weights(self.repository, self.flavour)
+        try:
+            verify_repository(self.repository)
+        except ManifestError as err:
+            raise ServeError(str(err)) from None
         self._choose_ports()
         self._scratch = Path(tempfile.mkdtemp(prefix="ssd-serve-"))
         atexit.register(self.stop)
@@ -148,10 +193,12 @@ class TritonServer:
             command, env = self._command()
             if self._log_file is None:
                 self._log_file = self._scratch / "tritonserver.log"
+            watchdog = [sys.executable, "-m", "ssd_train.serving.watchdog", "--scratch", str(self._scratch),
+                        "--shm-prefix", self._shm_prefix, "--stop-timeout", str(self.stop_timeout), "--", *command]
             with open(self._log_file, "ab") as log:
-                # Own process group: stop() signals the server and its python stubs together.
-                self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                                 stdin=subprocess.DEVNULL, start_new_session=True)
+                # stdin: a pipe we never write to; the watchdog stops the server when it closes (we died).
+                self._process = subprocess.Popen(watchdog, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                                                 env=env, start_new_session=True)
             self._wait_ready()
         except BaseException:
             self.stop()
@@ -160,21 +207,24 @@ class TritonServer:
 
     def stop(self) -> None:
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            _signal_group(process, signal.SIGTERM)
-            try:
-                process.wait(self.stop_timeout)
-            except subprocess.TimeoutExpired:
-                _signal_group(process, signal.SIGKILL)
-                process.wait()
-        if process is not None:
-            _signal_group(process, signal.SIGKILL)  # stubs the server left behind, if any
-        if self._scratch is not None:
-            if self._log_file is not None and self._log_file.is_relative_to(self._scratch):
-                self._saved_tail, self._log_file = _tail(self._log_file, 200), None
-            shutil.rmtree(self._scratch, ignore_errors=True)
-            self._scratch = None
-        atexit.unregister(self.stop)
+        try:
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGTERM)  # the watchdog stops the server's process group
+                try:
+                    process.wait(self.stop_timeout + 10)
+                except (subprocess.TimeoutExpired, KeyboardInterrupt):  # stuck, or a second Ctrl-C
+                    process.kill()  # the server dies with its watchdog (parent-death signal)
+                    process.wait()
+        finally:
+            if process is not None and process.stdin is not None:
+                process.stdin.close()
+            remove_leftovers(None, self._shm_prefix)  # regions of a server that was killed
+            if self._scratch is not None:
+                if self._log_file is not None and self._log_file.is_relative_to(self._scratch):
+                    self._saved_tail, self._log_file = _tail(self._log_file, 200), None
+                shutil.rmtree(self._scratch, ignore_errors=True)
+                self._scratch = None
+            atexit.unregister(self.stop)
 
     def wait(self) -> int:
         if self._process is None:
@@ -186,6 +236,18 @@ class TritonServer:
         if self._log_file is not None and self._log_file.exists():
             return _tail(self._log_file, lines)
         return "\n".join(self._saved_tail.splitlines()[-lines:])
+
+    def log_errors(self, lines: int = 8) -> str:
+        """The server log's last error-level lines, each cut to one screen line."""
+        if self._log_file is None or not self._log_file.exists():
+            return ""
+        found = []
+        for line in _tail(self._log_file, 10_000).splitlines():
+            if re.match(r"E\d{4} ", line) or line.startswith("error:"):
+                message = line.split("] ", 1)[-1].strip().strip('"').split("\\n")[0]
+                if message not in found:
+                    found.append(message[:240])
+        return "\n".join(found[-lines:])
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -204,32 +266,33 @@ class TritonServer:
 
     def _command(self) -> tuple[list[str], dict]:
         env = dict(os.environ)
+        repository = self._scratch / "model_repository"
         try:
             if self.flavour == "gpu":
                 binary, backends = production_server()
-                repository = self.repository.resolve()
-                self.models = loadable_models(repository)
             else:
                 binary, backends, env = cpu_server(self._scratch, env)
-                repository = self._scratch / "model_repository"
-                self.models = derive_cpu_repository(self.repository, repository)
+            # Only the models to serve, with the operator's limits: model control "none" loads them all.
+            self.models = derive_repository(self.repository, repository, self.flavour,
+                                            parameters={io.VALIDATE: self.image_limits.as_parameters()})
         except ConfigError as err:
             raise ServeError(str(err)) from None
         command = [
             str(binary),
             f"--model-repository={repository}",
             f"--backend-directory={backends}",
-            "--model-control-mode=explicit",
-            *(f"--load-model={name}" for name in self.models),
+            *self._access_args(),
             "--strict-readiness=true",
             "--exit-on-error=true",
             "--exit-timeout-secs=10",
+            f"--log-verbose={self.log_verbose}",
             f"--http-address={self.host}", f"--http-port={self.ports['http']}",
             f"--grpc-address={self.host}", f"--grpc-port={self.ports['grpc']}",
             f"--metrics-address={self.host}", f"--metrics-port={self.ports['metrics']}",
-            # A prefix of our own: two servers on one machine must not share python-backend shm.
-            f"--backend-config=python,shm-region-prefix-name=ssd-serve-{os.getpid()}-{id(self):x}",
+            f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
         ]
+        if _supports_option(binary, "--http-max-input-size", env):  # Triton 2.55+: refuse bigger bodies unread
+            command.append(f"--http-max-input-size={self.image_limits.max_request_bytes + 2**20}")
         command += self.extra_args
         if self.flavour == "cpu":
             # The derived configs are complete; auto-completion would start one more python stub per
@@ -237,19 +300,35 @@ class TritonServer:
             command.append("--disable-auto-complete-config")
         return command, env
 
+    def _access_args(self) -> list[str]:
+        """Model control and the restricted management APIs (module docstring)."""
+        if self.admin_key is not None:
+            control = ["--model-control-mode=explicit", *(f"--load-model={name}" for name in self.models)]
+        else:
+            control = ["--model-control-mode=none"]
+        restricted = [api for api in RESTRICTED_APIS if not (api == "shared-memory" and self.allow_shared_memory)]
+        key = self.admin_key or secrets.token_urlsafe(32)
+        rule = f"{','.join(restricted)}:{ADMIN_KEY_HEADER}={key}"
+        return [*control, f"--http-restricted-api={rule}", f"--grpc-restricted-protocol={rule}"]
+
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
         ready_url = f"http://{self.http_url}/v2/health/ready"
         while time.monotonic() < deadline:
             code = self._process.poll()
             if code is not None:
-                raise ServeError(f"tritonserver exited with code {code} while starting; its log ends with:\n"
-                                 f"{self.log_tail()}")
+                raise ServeError(f"tritonserver exited with code {code} while starting; {self._log_summary()}")
             if _http_ok(ready_url):
                 return
             time.sleep(0.5)
-        raise ServeError(f"tritonserver was not ready after {self.startup_timeout:.0f} s; its log ends with:\n"
-                         f"{self.log_tail()}")
+        raise ServeError(f"tritonserver was not ready after {self.startup_timeout:.0f} s; {self._log_summary()}")
+
+    def _log_summary(self) -> str:
+        """The server log's error lines (a failed model load says why there), else its end."""
+        errors = self.log_errors()
+        if errors:
+            return "its log's errors:\n" + errors
+        return "its log ends with:\n" + self.log_tail()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -288,22 +367,12 @@ def resolve_flavour(flavour: str) -> str:
     return "gpu" if production and gpu_visible() else "cpu"
 
 
-def loadable_models(repository: Path) -> list[str]:
-    """The repository's models that can load: all but the TorchScript models export has not written."""
-    names = []
-    for name in io.MODELS:
-        kind = model_kind(read_config(repository / name / CONFIG_FILE))
-        if kind == "pytorch_libtorch" and not (repository / name / VERSION / io.TORCHSCRIPT_FILE).is_file():
-            continue
-        names.append(name)
-    return names
-
-
 def check_weights(repository: Path, flavour: str) -> None:
     """ServeError unless `repository` has the configs and the weights its ensemble needs."""
     missing_configs = [name for name in io.MODELS if not (repository / name / CONFIG_FILE).is_file()]
     if missing_configs:
-        raise ServeError(f"{repository} is not an SSD300 model repository (no {missing_configs[0]}/{CONFIG_FILE})")
+        raise ServeError(f"{repository} is not an SSD300 model repository (no {missing_configs[0]}/{CONFIG_FILE}): "
+                         "ssd-train export into it adds the configs")
     try:
         ensemble = read_config(repository / io.ENSEMBLE / CONFIG_FILE)
         steps = [step.model_name for step in ensemble.ensemble_scheduling.step]
@@ -353,11 +422,13 @@ def cpu_server(scratch: Path, env: dict) -> tuple[Path, Path, dict]:
 # Small helpers
 
 
-def _signal_group(process: subprocess.Popen, sig: int) -> None:
+def _supports_option(binary: Path, option: str, env: dict) -> bool:
+    """Whether `tritonserver --help` lists `option` (options come and go between releases)."""
     try:
-        os.killpg(process.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+        run = subprocess.run([str(binary), "--help"], capture_output=True, text=True, timeout=60, env=env)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return option in run.stdout + run.stderr
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -422,24 +493,55 @@ def main(argv=None) -> None:
                        "nvidia-pytriton's server; auto: gpu when that server and a GPU are there.")
     @click.option("--startup-timeout", type=click.FloatRange(min=1), default=600.0, show_default=True,
                   help="Seconds to wait for all models to load.")
+    @click.option("--max-image-pixels", type=click.IntRange(min=1), default=image_check.MAX_IMAGE_PIXELS,
+                  show_default=True, help="Largest image accepted, in pixels (read from the JPEG/PNG header, "
+                  "before decoding).")
+    @click.option("--max-image-bytes", type=click.IntRange(min=1), default=image_check.MAX_IMAGE_BYTES,
+                  show_default=True, help="Largest encoded image accepted, in bytes.")
+    @click.option("--max-request-bytes", type=click.IntRange(min=1), default=image_check.MAX_REQUEST_BYTES,
+                  show_default=True, help="Largest IMAGE tensor per request (batch x padded length), in bytes.")
+    @click.option("--allow-shared-memory", is_flag=True,
+                  help="Let clients register system shared memory (ssd-client --shared-memory; same host only).")
+    @click.option("--admin-key", envvar=ADMIN_KEY_ENV, default=None, metavar="KEY",
+                  help=f"Let requests carrying this key (HTTP header '{ADMIN_KEY_HEADER}', gRPC metadata "
+                       f"'triton-grpc-protocol-{ADMIN_KEY_HEADER}') load, unload and upload models, register "
+                       f"shared memory and change log/trace settings [env {ADMIN_KEY_ENV}]. Off by default: "
+                       "no client can.")
+    @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path),
+                  help="Append the server's log here [default: a scratch file, shown when the server fails].")
+    @click.option("--log-verbose", type=click.IntRange(min=0), default=0, show_default=True,
+                  help="tritonserver's verbose logging level (1: every request).")
     @click.option("--triton-arg", "triton_args", multiple=True, metavar="OPTION",
-                  help="An extra tritonserver option, e.g. --triton-arg=--log-verbose=1 (repeatable).")
-    def serve(model_repository, http_port, grpc_port, metrics_port, host, flavour, startup_timeout, triton_args):
+                  help="An extra tritonserver option, e.g. --triton-arg=--log-format=ISO8601 (repeatable).")
+    def serve(model_repository, http_port, grpc_port, metrics_port, host, flavour, startup_timeout, max_image_pixels,
+              max_image_bytes, max_request_bytes, allow_shared_memory, admin_key, log_file, log_verbose, triton_args):
         """Serve the SSD300 ensemble with a real Triton Inference Server until Ctrl-C / SIGTERM."""
-        server = TritonServer(model_repository, host=host, http_port=http_port, grpc_port=grpc_port,
-                              metrics_port=metrics_port, flavour=flavour, startup_timeout=startup_timeout,
-                              extra_args=triton_args)
+        limits = image_check.ImageLimits(max_image_pixels, max_image_bytes, max_request_bytes)
+        try:
+            server = TritonServer(model_repository, host=host, http_port=http_port, grpc_port=grpc_port,
+                                  metrics_port=metrics_port, flavour=flavour, startup_timeout=startup_timeout,
+                                  log_file=log_file, log_verbose=log_verbose, image_limits=limits,
+                                  allow_shared_memory=allow_shared_memory, admin_key=admin_key,
+                                  extra_args=triton_args)
+        except ServeError as err:
+            raise click.ClickException(str(err)) from None
         signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops like Ctrl-C does
         try:
             click.echo(f"starting tritonserver on {model_repository} ...", err=True)
             server.start()
+            management = "with the admin key" if admin_key else "closed"
             click.echo(f"serving {', '.join(server.models)} ({server.flavour} flavour)\n"
                        f"  HTTP     {server.http_url}\n  gRPC     {server.grpc_url}\n"
-                       f"  metrics  {server.metrics_url}\n  model    {io.ENSEMBLE}\nCtrl-C to stop.")
+                       f"  metrics  {server.metrics_url}\n  model    {io.ENSEMBLE}\n"
+                       f"  limits   {limits.describe()}\n"
+                       f"  admin    model control, logging, trace: {management}; shared memory: "
+                       f"{'open' if allow_shared_memory else management}\n"
+                       + (f"  log      {server.log_file}\n" if log_file else "")
+                       + "Ctrl-C to stop.")
             code = server.wait()
             raise ServeError(f"tritonserver exited with code {code}; its log ends with:\n{server.log_tail()}")
         except KeyboardInterrupt:
-            click.echo("stopping ...", err=True)
+            click.echo("stopping ... (Ctrl-C again to stop at once)", err=True)
         except ServeError as err:
             raise click.ClickException(str(err)) from None
         finally:

@@ -18,6 +18,7 @@ from ssd_train.boxes import postprocess
 from ssd_train.inference import category_lookup, scale_to_pixels
 from ssd_train.labels import LabelMap
 from ssd_train.serving import io
+from ssd_train.serving.responses import server_fault
 
 
 class TritonPythonModel:
@@ -35,13 +36,13 @@ class TritonPythonModel:
         for i, request in enumerate(requests):
             try:
                 batch.append((i, *self._inputs(request)))
-            except ValueError as err:
-                responses[i] = _error(str(err))
+            except ValueError as err:  # the export's label map does not fit the model: a server fault
+                responses[i] = server_fault(str(err))
         if batch:
             try:
                 outputs = self._detect(batch)
             except Exception as err:  # a failure of the shared call fails each request in it
-                outputs = [_error(f"postprocess failed: {err}")] * len(batch)
+                outputs = [server_fault(f"postprocess failed: {err}")] * len(batch)
             for (i, *_), response in zip(batch, outputs):
                 responses[i] = response
         return responses
@@ -80,8 +81,3 @@ class TritonPythonModel:
             torch.cuda.synchronize(self.device)  # the outputs leave this process: finish writing them
         return outputs
 
-
-def _error(message: str):
-    return pb_utils.InferenceResponse(
-        output_tensors=[], error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
-    )
