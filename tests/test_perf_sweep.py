@@ -29,7 +29,7 @@ import perf_inputs  # noqa: E402
 import perf_report  # noqa: E402
 
 BACKBONE = "resnet18"  # the smallest backbone: the sweep measures serving, not the network
-ENSEMBLE_STEPS = (io.PREPROCESS, io.MODEL_FP32, io.POSTPROCESS)  # the CPU flavour's ensemble
+ENSEMBLE_STEPS = (io.VALIDATE, io.PREPROCESS, io.MODEL_FP32, io.POSTPROCESS)  # the CPU flavour's ensemble
 
 
 def run_sweep(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -11,9 +11,10 @@ Two flavours of one repository:
 Safe by default (README "Reliability and security"):
 - the repository must match the manifest its export wrote (`manifest.py`), or the server does not start;
 - no client can load, unload or upload models (`--model-control-mode=none` over a derived repository
-  holding just the models to serve), register shared memory, or change log and trace settings: those
-  APIs are restricted to requests carrying an admin key header, a random one nobody knows unless the
-  operator sets `admin_key` (which also turns on explicit model control) or `allow_shared_memory`;
+  holding just the models to serve), register shared memory, or change log and trace settings (those
+  APIs are restricted to requests carrying an admin key header, a random one nobody knows), unless
+  the operator sets `admin_key` (explicit model control, for requests with that key) or
+  `allow_shared_memory`;
 - image limits reach the ensemble's `ssd300_validate` step as config parameters;
 - tritonserver runs under a watchdog process (`watchdog.py`): when the owner dies, even by SIGKILL,
   the server stops and the scratch directory goes.
@@ -301,12 +302,15 @@ class TritonServer:
         return command, env
 
     def _access_args(self) -> list[str]:
-        """Model control and the restricted management APIs (module docstring)."""
+        """Model control and the restricted management APIs (module docstring). Without an admin key
+        the server runs with model control "none", which refuses every load and unload, so the
+        repository index (read-only) can stay open to clients."""
+        restricted = [api for api in RESTRICTED_APIS if not (api == "shared-memory" and self.allow_shared_memory)]
         if self.admin_key is not None:
             control = ["--model-control-mode=explicit", *(f"--load-model={name}" for name in self.models)]
         else:
             control = ["--model-control-mode=none"]
-        restricted = [api for api in RESTRICTED_APIS if not (api == "shared-memory" and self.allow_shared_memory)]
+            restricted.remove("model-repository")
         key = self.admin_key or secrets.token_urlsafe(32)
         rule = f"{','.join(restricted)}:{ADMIN_KEY_HEADER}={key}"
         return [*control, f"--http-restricted-api={rule}", f"--grpc-restricted-protocol={rule}"]
