@@ -1,0 +1,130 @@
+"""deploy/: the Kubernetes manifests render with kustomize, every object validates against the
+Kubernetes schemas (kubernetes-validate, offline), checkov's policies pass, and the objects agree with
+each other and with ssd-serve (ports, probes, selectors, the HPA's metric, no opened admin APIs).
+
+kubectl, kubernetes-validate and checkov come from the machine and `make k8s-tools` (a venv of its
+own: checkov's pins would move packages of the main venv)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ssd_train.serving.server import TritonServer
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+TOOLS = ROOT / ".venv-k8s" / "bin"
+OVERLAYS = ["overlays/gpu-cluster", "overlays/object-storage"]
+PORTS = {name: inspect.signature(TritonServer).parameters[f"{name}_port"].default for name in ("http", "grpc", "metrics")}
+
+kubectl = shutil.which("kubectl")
+pytestmark = pytest.mark.skipif(kubectl is None, reason="needs kubectl (its kustomize renders the manifests)")
+
+
+def tool(name: str) -> str:
+    path = TOOLS / name
+    if not path.exists():
+        pytest.skip(f"{name} is not installed: run `make k8s-tools`")
+    return str(path)
+
+
+def render(kustomization: str, tmp_path: Path) -> tuple[Path, list[dict]]:
+    run = subprocess.run([kubectl, "kustomize", str(DEPLOY / kustomization)], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    path = tmp_path / (kustomization.replace("/", "_") + ".yaml")
+    path.write_text(run.stdout)
+    return path, [doc for doc in yaml.safe_load_all(run.stdout) if doc]
+
+
+def by_kind(objects: list[dict]) -> dict[str, dict]:
+    kinds = {}
+    for obj in objects:
+        assert obj["kind"] not in kinds, f"two {obj['kind']} objects"
+        kinds[obj["kind"]] = obj
+    return kinds
+
+
+@pytest.mark.parametrize("kustomization", ["base", *OVERLAYS])
+def test_every_object_validates_against_the_kubernetes_schemas(kustomization, tmp_path):
+    path, objects = render(kustomization, tmp_path)
+    run = subprocess.run([tool("kubernetes-validate"), "--strict", "--kubernetes-version", "1.31.0", str(path)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    # Prometheus Operator objects have no schema there: each must at least have been looked at.
+    validated = run.stdout.count(" passed for resource ")
+    custom = [obj for obj in objects if obj["apiVersion"].startswith("monitoring.coreos.com/")]
+    assert validated + len(custom) == len(objects)
+
+
+@pytest.mark.parametrize("kustomization", OVERLAYS)
+def test_checkov_policies_pass(kustomization, tmp_path):
+    path, _ = render(kustomization, tmp_path)
+    run = subprocess.run([tool("checkov"), "-f", str(path), "--framework", "kubernetes", "--skip-download",
+                          "--output", "json", "--quiet"], capture_output=True, text=True, timeout=600)
+    report = json.loads(run.stdout)
+    failed = [(check["check_id"], check["resource"]) for check in report["results"]["failed_checks"]]
+    assert not failed, failed
+    assert report["summary"]["passed"] > 50  # it did look at the objects
+
+
+@pytest.mark.parametrize("kustomization", OVERLAYS)
+def test_the_objects_agree_with_each_other_and_with_ssd_serve(kustomization, tmp_path):
+    _, objects = render(kustomization, tmp_path)
+    kinds = by_kind([obj for obj in objects if obj["kind"] != "ConfigMap"])
+    deployment, service, hpa = kinds["Deployment"], kinds["Service"], kinds["HorizontalPodAutoscaler"]
+    pod = deployment["spec"]["template"]
+    (server,) = [c for c in pod["spec"]["containers"] if c["name"] == "triton"]
+
+    # ssd-serve with its defaults: management APIs closed, image limits on, every interface of the pod.
+    args = server["args"]
+    assert args[0] == "ssd-serve" and args[args.index("--host") + 1] == "0.0.0.0"
+    assert not any(a.startswith(("--admin-key", "--allow-shared-memory", "--triton-arg")) for a in args)
+    assert {p["name"]: p["containerPort"] for p in server["ports"]} == PORTS
+    for probe, path in (("startupProbe", "/v2/health/ready"), ("readinessProbe", "/v2/health/ready"),
+                        ("livenessProbe", "/v2/health/live")):
+        assert server[probe]["httpGet"] == {"path": path, "port": "http"}
+    assert server["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert server["securityContext"]["readOnlyRootFilesystem"] and pod["spec"]["securityContext"]["runAsNonRoot"]
+    mounts = {m["mountPath"] for m in server["volumeMounts"]}
+    assert {"/models", "/dev/shm", "/tmp"} <= mounts
+    assert {"name": "TMPDIR", "value": next(m for m in mounts if m not in {"/models", "/dev/shm", "/tmp"})} in server["env"]
+
+    # The Service reaches these pods on those ports; Prometheus scrapes the metrics port.
+    pod_labels = pod["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == PORTS
+    monitor = kinds["ServiceMonitor"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+
+    # The HPA scales this Deployment on the series the PrometheusRule records from Triton's counters.
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                             "name": deployment["metadata"]["name"]}
+    (metric,) = hpa["spec"]["metrics"]
+    records = [rule["record"] for group in kinds["PrometheusRule"]["spec"]["groups"] for rule in group["rules"]]
+    assert metric["pods"]["metric"]["name"] in records
+    assert 1 < hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+    assert kinds["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+
+    # Every object in the overlay's namespace.
+    assert {obj["metadata"].get("namespace") for obj in objects if obj["kind"] != "Namespace"} == {"ssd300"}
+
+
+def test_object_storage_fetches_the_repository_before_the_server_starts(tmp_path):
+    _, objects = render("overlays/object-storage", tmp_path)
+    deployment = next(obj for obj in objects if obj["kind"] == "Deployment")
+    spec = deployment["spec"]["template"]["spec"]
+    (fetch,) = spec["initContainers"]
+    assert "aws s3 sync" in " ".join(fetch["command"])
+    assert {"name": "model-repository", "mountPath": "/models"} in fetch["volumeMounts"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert "emptyDir" in volumes["model-repository"] and "persistentVolumeClaim" not in volumes["model-repository"]
+    assert not [obj for obj in objects if obj["kind"] == "PersistentVolumeClaim"]
