@@ -4,11 +4,16 @@ shared memory (no server), then detection through a real Triton server (slow).""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
+import os
+import shutil
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -83,10 +88,13 @@ def test_arrays_and_pil_images_are_sent_as_lossless_png():
         np.testing.assert_array_equal(np.asarray(img), gray)
 
 
-def test_formats_the_server_cannot_decode_are_reencoded():
+def test_formats_the_server_cannot_decode_are_reencoded(tmp_path):
     gif = DATA_DIR / "no_time_for_that_tiny.gif"
     encoded = encode_image(gif, str(gif))
     assert encoded.data[:8] == b"\x89PNG\r\n\x1a\n"
+    bmp = tmp_path / "chelsea.bmp"  # DALI could decode it, but the server's image check takes JPEG/PNG only
+    Image.fromarray(skimage.data.chelsea()).save(bmp)
+    assert encode_image(bmp, str(bmp)).data[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(gif) as img:
         np.testing.assert_array_equal(decode(encoded.data), np.asarray(img.convert("RGB")))
 
@@ -372,18 +380,102 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class DroppingProxy:
+    """A real TCP peer that drops connections as a server going away mid-request does: each of the next
+    `drops` connections it accepts has its request read and is then closed unanswered (reset, with
+    `reset=True`). Later connections are forwarded to `target` (host:port) both ways. `drop(n)` also
+    cuts the connections being forwarded, as a server restart would."""
+
+    def __init__(self, target: str | None = None, drops: int = 1 << 30, reset: bool = False):
+        self.target = target
+        self.reset = reset
+        self.to_drop, self.dropped = drops, 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self._forwarded: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def drop(self, connections: int) -> None:
+        with self._lock:
+            self.to_drop = connections
+            for sock in self._forwarded:
+                _shut(sock)
+
+    def close(self) -> None:
+        self.listener.close()
+        with self._lock:
+            for sock in self._forwarded:
+                _shut(sock)
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            with self._lock:
+                drop = self.to_drop > 0 or self.target is None
+                self.to_drop -= drop
+                self.dropped += drop
+            if drop:
+                threading.Thread(target=self._hang_up, args=(conn,), daemon=True).start()
+                continue
+            host, _, port = self.target.rpartition(":")
+            upstream = socket.create_connection((host, int(port)))
+            with self._lock:
+                self._forwarded += [conn, upstream]
+            for source, sink in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=_pipe, args=(source, sink), daemon=True).start()
+
+    def _hang_up(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5)
+            try:
+                conn.recv(1 << 16)  # the request (or gRPC's connection preface): the drop is mid-request
+            except OSError:
+                pass
+            if self.reset:  # linger 0: close sends RST instead of FIN
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    try:
+        while data := source.recv(1 << 16):
+            sink.sendall(data)
+    except OSError:
+        pass
+    _shut(source)
+    _shut(sink)
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)  # wakes the other direction's recv, unlike close()
+    except OSError:
+        pass
+
+
+def connect(url: str, protocol: str, asynchronous: bool, **options):
+    """Connect (and disconnect) a sync or asyncio client; its errors as they come."""
+    if not asynchronous:
+        SSDClient(url, protocol, **options).close()
+        return
+
+    async def run():
+        async with AsyncSSDClient(url, protocol, **options):
+            pass
+
+    asyncio.run(run())
+
+
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_server_down_is_one_clear_error(protocol):
     url = f"127.0.0.1:{free_port()}"
-    with pytest.raises(ServerUnavailableError, match=f"cannot reach the Triton server at {url} \\({protocol}\\)"):
-        SSDClient(url, protocol, timeout=5)
-
-    async def connect():
-        async with AsyncSSDClient(url, protocol, timeout=5):
-            pass
-
-    with pytest.raises(ServerUnavailableError, match=f"cannot reach the Triton server at {url}"):
-        asyncio.run(connect())
+    for asynchronous in (False, True):
+        with pytest.raises(ServerUnavailableError, match=f"^cannot reach the Triton server at {url} "
+                                                         f"\\({protocol}\\): is it running\\? .*after 4 attempts"):
+            connect(url, protocol, asynchronous, timeout=5, retry_backoff=0.01)
 
 
 def test_a_server_that_never_answers_times_out():
@@ -391,10 +483,64 @@ def test_a_server_that_never_answers_times_out():
         listener.bind(("127.0.0.1", 0))
         listener.listen(4)
         url = f"127.0.0.1:{listener.getsockname()[1]}"
-        with pytest.raises(ServerUnavailableError, match="timed out while checking liveness"):
-            SSDClient(url, "http", timeout=1)
+        start = time.monotonic()
+        with pytest.raises(ServerUnavailableError, match="timed out while checking liveness$"):
+            SSDClient(url, "http", timeout=1)  # no retries: a second try would wait as long again
+        assert time.monotonic() - start < 3
         with pytest.raises(ServerUnavailableError, match="timed out|cannot reach"):
-            SSDClient(url, "grpc", timeout=1)
+            SSDClient(url, "grpc", timeout=1, retry_backoff=0.01)
+
+
+@pytest.mark.parametrize("protocol, asynchronous, reset", [
+    ("http", False, False), ("http", True, False), ("http", False, True), ("http", True, True),
+    ("grpc", False, False), ("grpc", True, False),
+])
+def test_a_dropped_connection_is_server_unavailable_after_the_retries(protocol, asynchronous, reset):
+    peer = DroppingProxy(reset=reset)  # drops every connection
+    try:
+        with pytest.raises(ServerUnavailableError, match=f"^(lost|cannot reach) the Triton server at {peer.url} "
+                                                         f"\\({protocol}\\)"):
+            connect(peer.url, protocol, asynchronous, retries=0)
+        once = peer.dropped  # tritonclient's HTTP stacks try a closed connection again once or twice
+        with pytest.raises(ServerUnavailableError, match=r"\(gave up after 3 attempts\)$") as raised:
+            connect(peer.url, protocol, asynchronous, retries=2, retry_backoff=0.25)
+        assert "\n" not in str(raised.value)
+        assert peer.dropped - once >= 3 * once  # each retry connected again
+    finally:
+        peer.close()
+
+
+def test_retry_delays_double_up_to_a_cap_with_jitter():
+    policy = wire.RetryPolicy(retries=8, backoff=0.5)
+    for retry in range(8):
+        ceiling = min(wire.MAX_RETRY_BACKOFF, 0.5 * 2 ** retry)
+        delays = [policy.delay(retry) for _ in range(50)]
+        assert all(ceiling / 2 <= d <= ceiling for d in delays)
+        assert len(set(delays)) > 1  # jittered
+    dropped = ConnectionResetError(104, "Connection reset by peer")
+    assert 0.25 <= policy.delay_after(dropped, 0) <= 0.5
+    assert policy.delay_after(dropped, 8) is None  # retries used up
+    assert wire.RetryPolicy(retries=0).delay_after(dropped, 0) is None
+    for retries, backoff in ((-1, 0.5), (1.5, 0.5), (3, -1.0)):
+        with pytest.raises(SSDClientError, match="retr"):
+            wire.RetryPolicy(retries, backoff)
+
+
+def test_only_errors_a_retry_can_help_are_retried():
+    retried = [ConnectionRefusedError(111, "Connection refused"), ConnectionResetError(104, "reset"),
+               InferenceServerException("Socket closed", status="StatusCode.UNAVAILABLE"),
+               InferenceServerException("Server not ready", status="503")]
+    final = [InferenceServerException("image 2 is not a JPEG or PNG", status="StatusCode.INVALID_ARGUMENT"),
+             InferenceServerException("decode failed", status="400"),
+             InferenceServerException("deadline", status="StatusCode.DEADLINE_EXCEEDED"),
+             TimeoutError("timed out"),
+             # Triton's refusal of a restricted API: gRPC calls it UNAVAILABLE, but it will not change.
+             InferenceServerException("This protocol is restricted, expecting header "
+                                      "'triton-grpc-protocol-admin-key'", status="StatusCode.UNAVAILABLE")]
+    assert all(wire.retryable(err) for err in retried)
+    assert not any(wire.retryable(err) for err in final)
+    bad_image = wire.server_error(final[0], "h:1", "grpc", "detecting in a.jpg")
+    assert isinstance(bad_image, InferenceError) and str(bad_image).endswith("a.jpg: image 2 is not a JPEG or PNG")
 
 
 # ========================================================================================================
@@ -455,7 +601,8 @@ def served(tmp_path_factory):
                                              "categories": label_map.to_json(), "backbone": "resnet18", "epoch": 0})
     export_model_repository(root / "checkpoint.pt", root / "repository", precisions=["fp32"])
     shrink_max_batch(root / "repository", SMALL_MAX_BATCH)
-    with TritonServer(root / "repository", http_port=0, grpc_port=0, metrics_port=0) as server:
+    with TritonServer(root / "repository", http_port=0, grpc_port=0, metrics_port=0,
+                      allow_shared_memory=True) as server:
         yield Served(server, root)
 
 
@@ -591,6 +738,98 @@ def test_unreadable_images_are_named_and_the_server_keeps_answering(served, tmp_
         assert len(client.detect(DATA_DIR / "rocket.jpg")[0]) > 0
 
 
+# ---------------------------------------------------------------------------- dropped connections, refusals
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_retries_ride_out_dropped_connections(served, protocol):
+    """Three dropped connections (more than tritonclient's HTTP stacks try again by themselves) while
+    connecting and again mid-session: the clients with their default settings still answer, and
+    without retries the same drops are a ServerUnavailableError."""
+    image = DATA_DIR / "rocket.jpg"
+    with SSDClient(served.url(protocol), protocol) as client:
+        expected = client.detect(image)
+
+    async def detect_through_drops(url: str):
+        async with AsyncSSDClient(url, protocol) as client:
+            proxy.drop(3)
+            return await client.detect(image)
+
+    proxy = DroppingProxy(served.url(protocol), drops=3)
+    try:
+        with SSDClient(proxy.url, protocol) as client:
+            assert proxy.dropped == 3
+            proxy.drop(3)  # the connection in use goes too
+            assert client.detect(image) == expected
+        assert proxy.dropped == 6
+        proxy.drop(3)
+        assert asyncio.run(detect_through_drops(proxy.url)) == expected
+        assert proxy.dropped == 12
+
+        # Without retries. (Last: gRPC channels to one address share its connection, and its wait
+        # before reconnecting after a failure.)
+        with SSDClient(proxy.url, protocol, retries=0) as client:
+            proxy.drop(3)
+            with pytest.raises(ServerUnavailableError, match="^(lost|cannot reach) the Triton server"):
+                client.detect(image)
+        proxy.drop(3)
+        with pytest.raises(ServerUnavailableError, match=f"Triton server at {proxy.url} "):
+            SSDClient(proxy.url, protocol, retries=0)
+    finally:
+        proxy.close()
+
+
+@contextlib.contextmanager
+def bare_tritonserver(directory: Path, *options: str):
+    """A real tritonserver serving no models (up in well under a second); yields {protocol: url}."""
+    from ssd_train.serving.server import cpu_server
+
+    binary, backends, env = cpu_server(directory, dict(os.environ))
+    (directory / "models").mkdir()
+    urls = {"http": f"127.0.0.1:{free_port()}", "grpc": f"127.0.0.1:{free_port()}"}
+    command = [binary, f"--model-repository={directory / 'models'}", f"--backend-directory={backends}",
+               "--allow-metrics=false", *options,
+               *(f"--{protocol}-{key}={value}" for protocol, url in urls.items()
+                 for key, value in zip(("address", "port"), url.split(":")))]
+    with open(directory / "server.log", "wb") as log:
+        server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(100):
+            with contextlib.suppress(InferenceServerException, OSError):
+                if httpclient.InferenceServerClient(urls["http"]).is_server_live():
+                    break
+            time.sleep(0.1)
+        yield urls
+    finally:
+        server.kill()  # nothing to lose; SIGTERM would wait out its 30 s exit timeout
+        server.wait()
+
+
+@pytest.mark.slow
+def test_refused_shared_memory_says_how_to_allow_it(tmp_path):
+    """Shared memory restricted as `ssd-serve` restricts it unless --allow-shared-memory (no models needed:
+    the refusal comes first). gRPC calls that refusal UNAVAILABLE, yet it is final."""
+    from ssd_train.serving.server import ADMIN_KEY_HEADER
+
+    rule = f"shared-memory:{ADMIN_KEY_HEADER}=not-sent"
+    with bare_tritonserver(tmp_path, f"--http-restricted-api={rule}", f"--grpc-restricted-protocol={rule}") as urls:
+        for protocol, tc in (("http", httpclient), ("grpc", grpcclient)):
+            with pytest.raises(InferenceServerException) as refused:
+                tc.InferenceServerClient(urls[protocol]).register_system_shared_memory("ssd_test", "/ssd_test", 64)
+            assert not wire.retryable(refused.value)
+            error = wire.server_error(refused.value, urls[protocol], protocol, wire.REGISTERING_SHARED_MEMORY)
+            assert str(error).startswith(f"the Triton server at {urls[protocol]} ({protocol}) does not allow shared "
+                                         "memory (start it with `ssd-serve --allow-shared-memory`): This ")
+            assert "restricted" in str(error) and "\n" not in str(error)
+
+
+@pytest.mark.slow
+def test_the_http_client_on_the_grpc_port_says_so(tmp_path):
+    with bare_tritonserver(tmp_path) as urls:
+        for asynchronous in (False, True):
+            with pytest.raises(ServerUnavailableError, match="it does not answer in HTTP, is that its gRPC port"):
+                connect(urls["grpc"], "http", asynchronous)
+
+
 # ------------------------------------------------------------------------------------------------ the CLI
 def run_cli(main, *args):
     from click.testing import CliRunner
@@ -602,10 +841,10 @@ def test_cli_errors_are_one_line():
     from ssd_client.cli import cli
 
     url = f"127.0.0.1:{free_port()}"
-    result = run_cli(cli, "detect", DATA_DIR / "rocket.jpg", "--url", url)
+    result = run_cli(cli, "detect", DATA_DIR / "rocket.jpg", "--url", url, "--retries", 1, "--retry-backoff", 0.01)
     assert result.exit_code == 1
     assert result.output.strip() == (f"Error: cannot reach the Triton server at {url} (http): is it running? "
-                                     "([Errno 111] Connection refused)")
+                                     "([Errno 111] Connection refused) (gave up after 2 attempts)")
     result = run_cli(cli, "evaluate", "--data", "/nonexistent", "--url", url)
     assert result.exit_code == 1 and result.output.count("\n") == 1
     assert "/nonexistent" in result.output and result.output.startswith("Error: ")
@@ -658,3 +897,47 @@ def test_cli_evaluate_matches_ssd_train_evaluate(served, tmp_path):
     assert through_server["AR100"] > 0.01 and through_server["AP50"] > 0  # not just 0 == 0
     for name in ("mAP", *STAT_NAMES):
         assert through_server[name] == pytest.approx(in_process[name], abs=1e-3), name
+
+
+@pytest.mark.slow
+def test_cli_evaluate_leaves_out_failed_images_up_to_max_failures(served, tmp_path):
+    from ssd_client.cli import cli
+    from ssd_train.coco_eval import coco_evaluate, detection_records
+
+    data = tmp_path / "shapes"
+    shutil.copytree(served.dataset, data)
+    annotation_file = data / "annotations" / "instances_val2017.json"
+    images = sorted((image["id"], data / "val2017" / image["file_name"])
+                    for image in json.loads(annotation_file.read_text())["images"])
+    (bad_id, truncated), (garbage_id, garbage) = images[:2]
+    truncated.write_bytes(truncated.read_bytes()[:truncated.stat().st_size // 2])  # the server cannot decode it
+    garbage.write_bytes(b"not an image")  # the client does not send it
+    result = run_cli(cli, "evaluate", "--data", data, "--url", served.grpc_url, "--protocol", "grpc",
+                     "--batch-size", 3, "--concurrency", 2, "--json-summary", tmp_path / "summary.json",
+                     "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "2 images failed and are left out of the score:" in result.output
+    assert f"\n  {truncated}: Triton server at {served.grpc_url} (grpc) failed while detecting in {truncated}: " \
+        in result.output
+    assert f"\n  {garbage}: not a readable image" in result.output
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["images"] == 6
+    assert [(f["image_id"], f["image"]) for f in summary["failures"]] == [(bad_id, str(truncated)),
+                                                                          (garbage_id, str(garbage))]
+    # The score is that of the six answered images; counting the failed ones as empty would lower it.
+    good = images[2:]
+    with SSDClient(served.grpc_url, "grpc") as client:
+        found = client.detect([path for _, path in good])
+    records = [record for (image_id, _), detections in zip(good, found)
+               for record in detection_records(image_id, [d.box for d in detections], [d.score for d in detections],
+                                               [d.category_id for d in detections])]
+    answered = coco_evaluate(annotation_file, records, image_ids=[image_id for image_id, _ in good])
+    assert summary["AR100"] == pytest.approx(answered["stats"]["AR100"], abs=1e-3)
+    assert summary["mAP"] == pytest.approx(answered["mAP"], abs=1e-3)
+    assert summary["AR100"] > coco_evaluate(annotation_file, records)["stats"]["AR100"]
+
+    result = run_cli(cli, "evaluate", "--data", data, "--url", served.grpc_url, "--protocol", "grpc",
+                     "--batch-size", 1, "--concurrency", 1, "--max-failures", 1, "--no-progress")
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: too many failed images (2, at most 1 allowed); the last: ")
+    assert result.output.count("\n") == 1

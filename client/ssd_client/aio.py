@@ -9,6 +9,7 @@ Same checks, requests and results as the sync client (both build and parse throu
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 from ssd_client import protocol as wire
 from ssd_client.errors import ServerUnavailableError, SSDClientError
@@ -25,11 +26,13 @@ class AsyncSSDClient:
 
     def __init__(self, url: str | None = None, protocol: str = "http", model: str = io.ENSEMBLE,
                  timeout: float = wire.DEFAULT_TIMEOUT, label_map=None, batch_size: int | None = None,
-                 concurrency: int = DEFAULT_CONCURRENCY, shared_memory: bool = False):
+                 concurrency: int = DEFAULT_CONCURRENCY, shared_memory: bool = False,
+                 retries: int = wire.DEFAULT_RETRIES, retry_backoff: float = wire.DEFAULT_RETRY_BACKOFF):
         self.protocol = wire.check_protocol(protocol)
         self.url = wire.normalise_url(url, self.protocol)
         self.model = model
         self.timeout = float(timeout)
+        self.retry = wire.RetryPolicy(retries, retry_backoff)
         self.label_map = wire.resolve_label_map(label_map)
         if int(concurrency) < 1:
             raise SSDClientError(f"concurrency must be at least 1, got {concurrency}")
@@ -51,7 +54,7 @@ class AsyncSSDClient:
         async with self._open_lock:
             if self._client is None:
                 self._client = await self._call("connecting", _construct, self._tc, self.protocol, self.url,
-                                                self.timeout)
+                                                self.timeout, self.retry)
                 try:
                     await self._setup()
                 except BaseException:
@@ -102,8 +105,7 @@ class AsyncSSDClient:
             if self.shared_memory:
                 slot = SharedMemorySlot(self.spec, f"{prefix}_{i}")
                 self._shm_slots.append(slot)
-                await self._call("registering shared memory", self._client.register_system_shared_memory,
-                                 *slot.output.registration, **self._call_kwargs)
+                await self._call(wire.REGISTERING_SHARED_MEMORY, self._register, slot.output)
             self._slots.put_nowait(slot)
 
     async def _connect(self) -> wire.ModelSpec:
@@ -135,20 +137,30 @@ class AsyncSSDClient:
                 await self._call("unregistering shared memory", self._client.unregister_system_shared_memory,
                                  slot.input.name, **self._call_kwargs)
             slot.grow_input(batch.nbytes)
-            await self._call("registering shared memory", self._client.register_system_shared_memory,
-                             *slot.input.registration, **self._call_kwargs)
+            await self._call(wire.REGISTERING_SHARED_MEMORY, self._register, slot.input)
         inputs, outputs = wire.build_request(self._tc, batch, slot)
         action = f"detecting in {wire.describe_images([e.name for e in encoded])}"
         result = await self._call(action, self._client.infer, self.model, inputs, outputs=outputs,
                                   **self._call_kwargs)
         return wire.parse_response(result, len(encoded), self.spec, self.label_map, threshold, slot)
 
+    async def _register(self, region) -> None:
+        # Unregistering first (a no-op for an unknown name) makes a retry safe when the server registered
+        # the region but the answer was lost.
+        await self._client.unregister_system_shared_memory(region.name, **self._call_kwargs)
+        await self._client.register_system_shared_memory(*region.registration, **self._call_kwargs)
+
     async def _call(self, action: str, fn, *args, **kwargs):
-        try:
-            result = fn(*args, **kwargs)
-            return await result if asyncio.iscoroutine(result) else result
-        except Exception as err:
-            raise wire.server_error(err, self.url, self.protocol, action) from None
+        """fn(*args, **kwargs), awaited and tried again as `self.retry` says (like `SSDClient._call`)."""
+        for retry in itertools.count():
+            try:
+                result = fn(*args, **kwargs)
+                return await result if asyncio.iscoroutine(result) else result
+            except Exception as err:
+                delay = self.retry.delay_after(err, retry)
+                if delay is None:
+                    raise wire.server_error(err, self.url, self.protocol, action, retry + 1) from None
+            await asyncio.sleep(delay)
 
 
 async def gather_or_cancel(coroutines) -> list:
@@ -163,6 +175,6 @@ async def gather_or_cancel(coroutines) -> list:
         raise
 
 
-async def _construct(tc, protocol: str, url: str, timeout: float):
+async def _construct(tc, protocol: str, url: str, timeout: float, retry: wire.RetryPolicy):
     """Build the aio client inside the running loop (aiohttp and grpc.aio bind to it)."""
-    return wire.make_client(tc, protocol, url, timeout)
+    return wire.make_client(tc, protocol, url, timeout, retry)

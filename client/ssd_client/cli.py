@@ -10,7 +10,8 @@ import click
 
 from ssd_client.aio import DEFAULT_CONCURRENCY
 from ssd_client.errors import SSDClientError
-from ssd_client.protocol import DEFAULT_TIMEOUT, PROTOCOLS
+from ssd_client.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_MAX_FAILURES
+from ssd_client.protocol import DEFAULT_RETRIES, DEFAULT_RETRY_BACKOFF, DEFAULT_TIMEOUT, PROTOCOLS
 from ssd_train.serving import io
 
 
@@ -32,7 +33,13 @@ def server_options(func):
         click.option("--model", default=io.ENSEMBLE, show_default=True, help="Served model to call."),
         click.option("--timeout", default=DEFAULT_TIMEOUT, show_default=True, help="Seconds per request."),
         click.option("--shared-memory", is_flag=True,
-                     help="Pass images and detections through system shared memory (server on this host)."),
+                     help="Pass images and detections through system shared memory (server on this host, "
+                          "started with `ssd-serve --allow-shared-memory`)."),
+        click.option("--retries", type=click.IntRange(min=0), default=DEFAULT_RETRIES, show_default=True,
+                     help="How many times a call is tried again when the server cannot be reached, drops the "
+                          "connection or is unavailable (never for a rejected image); 0: no retries."),
+        click.option("--retry-backoff", type=click.FloatRange(min=0), default=DEFAULT_RETRY_BACKOFF,
+                     show_default=True, help="Seconds before the first retry, doubled for each further one."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -55,12 +62,13 @@ def cli():
               help="Write annotated copies of the images here.")
 @click.option("--batch-size", type=int, default=None, help="Images per request [default: the server's max batch].")
 @user_errors
-def detect(images, url, protocol, model, timeout, shared_memory, threshold, labels, json_lines, output_dir,
-           batch_size):
+def detect(images, url, protocol, model, timeout, shared_memory, retries, retry_backoff, threshold, labels,
+           json_lines, output_dir, batch_size):
     """Detect objects in IMAGES (files) through the server."""
     from ssd_client.client import SSDClient
 
-    with SSDClient(url, protocol, model, timeout, labels, batch_size, shared_memory) as client:
+    with SSDClient(url, protocol, model, timeout, labels, batch_size, shared_memory, retries,
+                   retry_backoff) as client:
         found = client.detect([str(path) for path in images], threshold)
     if json_lines:
         for path, detections in zip(images, found):
@@ -102,24 +110,37 @@ def write_annotated(images, found, output_dir: Path) -> None:
 @click.option("--split", default="val2017", show_default=True)
 @server_options
 @click.option("--concurrency", default=DEFAULT_CONCURRENCY, show_default=True, help="Requests in flight.")
-@click.option("--batch-size", default=None, type=int, help="Images per request [default: 8].")
+@click.option("--batch-size", default=None, type=int, help=f"Images per request [default: {DEFAULT_BATCH_SIZE}].")
 @click.option("--json-summary", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write mAP and the 12 COCO stats here (the keys of `ssd-train evaluate`).")
+              help="Write mAP and the 12 COCO stats (the keys of `ssd-train evaluate`), the number of images "
+                   "scored and the failed ones here.")
+@click.option("--max-failures", type=click.IntRange(min=0), default=DEFAULT_MAX_FAILURES, show_default=True,
+              help="Images that may fail (unreadable, rejected by the server, unanswered after the retries) before "
+                   "the evaluation stops; failed images are listed and left out of the score. 0: stop at the "
+                   "first failure.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @user_errors
-def evaluate(data, split, url, protocol, model, timeout, shared_memory, concurrency, batch_size, json_summary,
-             progress):
+def evaluate(data, split, url, protocol, model, timeout, shared_memory, retries, retry_backoff, concurrency,
+             batch_size, json_summary, max_failures, progress):
     """COCO bbox mAP of the served model on a split (every image goes through the server)."""
-    from ssd_client.evaluate import DEFAULT_BATCH_SIZE, evaluate_split
+    from ssd_client.evaluate import evaluate_split
     from ssd_train.coco_eval import write_summary
 
     result = evaluate_split(data, split, url, protocol, concurrency, batch_size or DEFAULT_BATCH_SIZE, progress,
-                            model=model, timeout=timeout, shared_memory=shared_memory)
+                            max_failures, model=model, timeout=timeout, shared_memory=shared_memory,
+                            retries=retries, retry_backoff=retry_backoff)
+    failures = result["failures"]
     click.echo(result["summary"].rstrip())
-    click.echo(f"mAP {result['mAP']:.4f} ({result['images']} images, {result['detections']} detections "
+    if failures:
+        click.echo(f"{len(failures)} images failed and are left out of the score:")
+        for failure in failures:  # errors about one file often start with its name already
+            click.echo(f"  {failure['image']}: {failure['error'].removeprefix(failure['image'] + ': ')}")
+    failed = f", {len(failures)} failed" if failures else ""
+    click.echo(f"mAP {result['mAP']:.4f} ({result['images']} images{failed}, {result['detections']} detections "
                f"from {model} at {result['url']} over {protocol})")
     if json_summary:
-        write_summary(json_summary, result, split=split, model=model, url=result["url"])
+        write_summary(json_summary, result, split=split, model=model, url=result["url"], images=result["images"],
+                      failures=failures)
 
 
 def main():

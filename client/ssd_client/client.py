@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import time
+
 from ssd_client import protocol as wire
 from ssd_client.errors import ServerUnavailableError
 from ssd_client.images import as_image_list, chunks, encode_images, pad_batch
@@ -20,28 +23,34 @@ class SSDClient:
     label_map: category names for the ids the server returns: None (COCO), a `labels.json` path (what
         `ssd-train export` writes into the postprocess model's folder) or a `LabelMap`.
     batch_size: images per request, at most (and by default) the model's max batch size.
-    shared_memory: pass images and detections through system shared memory (server on this host).
+    shared_memory: pass images and detections through system shared memory (server on this host; it must
+        allow it: `ssd-serve --allow-shared-memory`).
+    retries: how many times a call is tried again when the server cannot be reached, drops the connection
+        or says it is unavailable (never for a rejected request such as a bad image); 0 turns retries off.
+    retry_backoff: seconds before the first retry, doubled for each further one (with jitter, capped).
     """
 
     def __init__(self, url: str | None = None, protocol: str = "http", model: str = io.ENSEMBLE,
                  timeout: float = wire.DEFAULT_TIMEOUT, label_map=None, batch_size: int | None = None,
-                 shared_memory: bool = False):
+                 shared_memory: bool = False, retries: int = wire.DEFAULT_RETRIES,
+                 retry_backoff: float = wire.DEFAULT_RETRY_BACKOFF):
         self.protocol = wire.check_protocol(protocol)
         self.url = wire.normalise_url(url, self.protocol)
         self.model = model
         self.timeout = float(timeout)
+        self.retry = wire.RetryPolicy(retries, retry_backoff)
         self.label_map = wire.resolve_label_map(label_map)
         self._tc = wire.tritonclient_module(self.protocol)
         self._call_kwargs = wire.infer_kwargs(self.protocol, self.timeout)
         self._shm: SharedMemorySlot | None = None
-        self._client = self._call("connecting", wire.make_client, self._tc, self.protocol, self.url, self.timeout)
+        self._client = self._call("connecting", wire.make_client, self._tc, self.protocol, self.url, self.timeout,
+                                  self.retry)
         try:
             self.spec = self._connect()
             self.batch_size = wire.request_batch_size(batch_size, self.spec)
             if shared_memory:
                 self._shm = SharedMemorySlot(self.spec, unique_prefix())
-                self._call("registering shared memory", self._client.register_system_shared_memory,
-                           *self._shm.output.registration, **self._call_kwargs)
+                self._call(wire.REGISTERING_SHARED_MEMORY, self._register, self._shm.output)
         except BaseException:
             self.close()
             raise
@@ -97,15 +106,25 @@ class SSDClient:
                 self._call("unregistering shared memory", self._client.unregister_system_shared_memory,
                            self._shm.input.name, **self._call_kwargs)
             self._shm.grow_input(batch.nbytes)
-            self._call("registering shared memory", self._client.register_system_shared_memory,
-                       *self._shm.input.registration, **self._call_kwargs)
+            self._call(wire.REGISTERING_SHARED_MEMORY, self._register, self._shm.input)
         inputs, outputs = wire.build_request(self._tc, batch, self._shm)
         action = f"detecting in {wire.describe_images([e.name for e in encoded])}"
         result = self._call(action, self._client.infer, self.model, inputs, outputs=outputs, **self._call_kwargs)
         return wire.parse_response(result, len(encoded), self.spec, self.label_map, threshold, self._shm)
 
+    def _register(self, region) -> None:
+        # Unregistering first (a no-op for an unknown name) makes a retry safe when the server registered
+        # the region but the answer was lost.
+        self._client.unregister_system_shared_memory(region.name, **self._call_kwargs)
+        self._client.register_system_shared_memory(*region.registration, **self._call_kwargs)
+
     def _call(self, action: str, fn, *args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as err:
-            raise wire.server_error(err, self.url, self.protocol, action) from None
+        """fn(*args, **kwargs), tried again as `self.retry` says; failures become the client's errors."""
+        for retry in itertools.count():
+            try:
+                return fn(*args, **kwargs)
+            except Exception as err:
+                delay = self.retry.delay_after(err, retry)
+                if delay is None:
+                    raise wire.server_error(err, self.url, self.protocol, action, retry + 1) from None
+            time.sleep(delay)

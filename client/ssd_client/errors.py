@@ -8,7 +8,8 @@ class SSDClientError(Exception):
 
 
 class ServerUnavailableError(SSDClientError):
-    """The server cannot be reached, is not live/ready, or timed out."""
+    """The server cannot be reached, is not live/ready, dropped the connection or timed out (after the
+    client's retries, where they apply)."""
 
 
 class ModelNotFoundError(SSDClientError):

@@ -1,6 +1,10 @@
 """COCO mAP through the server: every image of a COCO-layout split goes through the served ensemble
 (concurrently, with the asyncio client) and pycocotools scores the detections, exactly as
-`ssd-train evaluate` scores the in-process model (`ssd_train.coco_eval`, shared by both)."""
+`ssd-train evaluate` scores the in-process model (`ssd_train.coco_eval`, shared by both).
+
+Images that fail (unreadable, rejected by the server, unanswered after the client's retries) are listed
+and left out of the score, up to `max_failures` of them. A request the server rejects (or that holds an
+unreadable file) is sent again image by image, so one bad image does not take the others with it."""
 
 from __future__ import annotations
 
@@ -11,13 +15,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ssd_client.aio import DEFAULT_CONCURRENCY, AsyncSSDClient, gather_or_cancel
-from ssd_client.errors import SSDClientError
+from ssd_client.errors import ServerUnavailableError, SSDClientError
 from ssd_client.images import chunks
 from ssd_train.coco_eval import coco_evaluate, detection_records
 from ssd_train.data.layout import CocoSplit, split_images
 from ssd_train.data.layout import DatasetError as LayoutError
 
 DEFAULT_BATCH_SIZE = 8  # images per request: with a few requests in flight the server batches them further
+DEFAULT_MAX_FAILURES = 10  # a few unreadable files should not end a run over thousands of images
 
 
 class DatasetError(SSDClientError):
@@ -45,12 +50,23 @@ def load_split(root, split: str) -> SplitImages:
 
 
 async def collect_records(client: AsyncSSDClient, images: list[tuple[int, Path]], batch_size: int,
-                          progress: bool = True) -> list[dict]:
-    """COCO result records for `images`, detected by the server in requests of `batch_size` images."""
+                          progress: bool = True, max_failures: int = DEFAULT_MAX_FAILURES
+                          ) -> tuple[list[dict], list[dict]]:
+    """COCO result records for `images`, detected by the server in requests of `batch_size` images, and
+    the images that failed ([{"image_id", "image", "error"}], by image id). More than `max_failures` failed
+    images stop the run with an SSDClientError."""
     bar = tqdm(total=len(images), desc="evaluate", unit="img", disable=not progress, mininterval=1)
+    failures = []
 
     async def detect_chunk(chunk) -> list[dict]:
-        found = await client.detect([path for _, path in chunk])  # files are read once a request slot is free
+        try:
+            found = await client.detect([path for _, path in chunk])  # files are read once a request slot is free
+        except SSDClientError as err:
+            if len(chunk) > 1 and not isinstance(err, ServerUnavailableError):
+                # One bad image fails its whole request: ask again image by image to find it.
+                return [record for item in chunk for record in await detect_chunk([item])]
+            failed(chunk, err)
+            return []
         bar.update(len(chunk))
         records = []
         for (image_id, _), detections in zip(chunk, found):
@@ -58,27 +74,44 @@ async def collect_records(client: AsyncSSDClient, images: list[tuple[int, Path]]
                                          [d.category_id for d in detections])
         return records
 
+    def failed(chunk, err: SSDClientError) -> None:
+        failures.extend({"image_id": image_id, "image": str(path), "error": str(err)} for image_id, path in chunk)
+        bar.update(len(chunk))
+        if len(failures) > max_failures:
+            raise SSDClientError(f"too many failed images ({len(failures)}, at most {max_failures} allowed); "
+                                 f"the last: {err}")
+
     await client.open()
     try:
         parts = await gather_or_cancel(detect_chunk(chunk) for _, chunk in chunks(images, batch_size))
     finally:
         bar.close()
-    return [record for part in parts for record in part]
+    return [record for part in parts for record in part], sorted(failures, key=lambda f: f["image_id"])
 
 
 async def evaluate_split_async(data, split: str = "val2017", batch_size: int = DEFAULT_BATCH_SIZE,
-                               progress: bool = True, **client_options) -> dict:
+                               progress: bool = True, max_failures: int = DEFAULT_MAX_FAILURES,
+                               **client_options) -> dict:
     split_images = load_split(data, split)
     async with AsyncSSDClient(batch_size=batch_size, **client_options) as client:
-        records = await collect_records(client, split_images.images, client.batch_size, progress)
-    result = coco_evaluate(split_images.annotation_file, records)
-    return {**result, "images": len(split_images.images), "detections": len(records), "url": client.url}
+        records, failures = await collect_records(client, split_images.images, client.batch_size, progress,
+                                                  max_failures)
+    failed = {failure["image_id"] for failure in failures}
+    answered = [image_id for image_id, _ in split_images.images if image_id not in failed]
+    if not answered:
+        raise SSDClientError(f"no image of {split} was answered: {failures[0]['error']}")
+    # Failed images are left out of the score (they have no answer, not an empty one).
+    result = coco_evaluate(split_images.annotation_file, records, image_ids=answered if failures else None)
+    return {**result, "images": len(answered), "detections": len(records), "failures": failures,
+            "url": client.url}
 
 
 def evaluate_split(data, split: str = "val2017", url: str | None = None, protocol: str = "http",
                    concurrency: int = DEFAULT_CONCURRENCY, batch_size: int = DEFAULT_BATCH_SIZE,
-                   progress: bool = True, **client_options) -> dict:
-    """{"mAP", "stats" (the 12 COCO numbers), "summary" (pycocotools' text), "images", "detections", "url"}.
-    `client_options` go to `AsyncSSDClient` (model, timeout, shared_memory)."""
-    return asyncio.run(evaluate_split_async(data, split, batch_size, progress, url=url, protocol=protocol,
-                                            concurrency=concurrency, **client_options))
+                   progress: bool = True, max_failures: int = DEFAULT_MAX_FAILURES, **client_options) -> dict:
+    """{"mAP", "stats" (the 12 COCO numbers), "summary" (pycocotools' text), "images" (scored), "detections",
+    "failures" ([{"image_id", "image", "error"}]: left out of the score), "url"}. Up to
+    `max_failures` images may fail (unreadable, rejected by the server, unanswered after retries).
+    `client_options` go to `AsyncSSDClient` (model, timeout, shared_memory, retries, retry_backoff)."""
+    return asyncio.run(evaluate_split_async(data, split, batch_size, progress, max_failures, url=url,
+                                            protocol=protocol, concurrency=concurrency, **client_options))

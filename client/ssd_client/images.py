@@ -16,9 +16,10 @@ from ssd_client.errors import ImageError
 
 ImageLike = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray, Image.Image]
 
-# PIL names of the formats the server's decoder (DALI `decoders.image`) reads as they are;
-# anything else PIL can open (GIF, ...) is re-encoded as PNG on the way out.
-SERVER_FORMATS = frozenset({"JPEG", "PNG", "BMP", "TIFF", "PPM", "WEBP", "JPEG2000"})
+# PIL names of the formats the server takes as they are (its image check accepts JPEG and PNG,
+# whose headers it reads before anything decodes them); anything else PIL can open (BMP, TIFF,
+# WebP, GIF, ...) is re-encoded as PNG on the way out.
+SERVER_FORMATS = frozenset({"JPEG", "PNG"})
 # Numpy arrays and PIL images are sent as PNG: lossless, so the server sees exactly the pixels the
 # caller holds (the same detections as the in-process model on that array), where JPEG would change
 # them. The cost is a bigger request; level 1 keeps the encoding fast.

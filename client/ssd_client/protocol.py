@@ -1,9 +1,11 @@
 """The wire, shared by the sync and asyncio clients: URLs, the model check, request building, response
-parsing and error translation. No I/O here; the clients make the calls."""
+parsing, error translation and the retry policy. No I/O here; the clients make the calls."""
 
 from __future__ import annotations
 
+import http.client
 import importlib
+import random
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -17,6 +19,10 @@ from ssd_train.serving import io
 PROTOCOLS = ("http", "grpc")
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001}
 DEFAULT_TIMEOUT = 120.0  # seconds; a full batch of 64 takes a while on a CPU-only server
+DEFAULT_RETRIES = 3
+DEFAULT_RETRY_BACKOFF = 0.5  # seconds before the first retry; doubles for each further one
+MAX_RETRY_BACKOFF = 10.0
+REGISTERING_SHARED_MEMORY = "registering shared memory"  # the action whose refusal gets a hint
 
 # Triton dtypes of the ensemble's tensors: one source, ssd_train.serving.io.
 INPUT_DTYPES = io.ENSEMBLE_INPUT_DTYPES
@@ -77,13 +83,32 @@ def tritonclient_module(protocol: str, asyncio: bool = False):
     return importlib.import_module(f"tritonclient.{protocol}" + (".aio" if asyncio else ""))
 
 
-def make_client(tc, protocol: str, url: str, timeout: float):
+def make_client(tc, protocol: str, url: str, timeout: float, retry: "RetryPolicy"):
     """A tritonclient InferenceServerClient (sync or aio module `tc`) with the timeout where it goes."""
     if protocol == "grpc":
-        return tc.InferenceServerClient(url)  # gRPC takes the timeout per call (`infer_kwargs`)
+        return tc.InferenceServerClient(url, channel_args=grpc_channel_args(tc, retry))  # timeout: per call
     if tc.__name__.endswith(".aio"):
         return tc.InferenceServerClient(url, conn_timeout=timeout)
     return tc.InferenceServerClient(url, connection_timeout=timeout, network_timeout=timeout)
+
+
+def grpc_channel_args(tc, retry: "RetryPolicy") -> list[tuple]:
+    """tritonclient's channel options, and a reconnect pace that follows the retries. A gRPC channel that
+    failed to connect waits (1 s, then 1.6 times longer each time, +-20%) before it connects again, and
+    fails every call at once meanwhile: retries sooner than that would not reach the server."""
+    keepalive = tc.KeepAliveOptions()
+    return [
+        ("grpc.max_send_message_length", tc.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", tc.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        # Shorter than the shortest wait before a retry (half the backoff, RetryPolicy.delay) even with
+        # gRPC's jitter; gRPC waits at least 100 ms whatever it is told.
+        ("grpc.initial_reconnect_backoff_ms", max(100, int(retry.backoff * 400))),
+        ("grpc.max_reconnect_backoff_ms", max(100, int(MAX_RETRY_BACKOFF * 400))),
+    ]
 
 
 def request_batch_size(batch_size: int | None, spec: "ModelSpec") -> int:
@@ -170,25 +195,95 @@ def model_not_found(name: str, url: str, index) -> ModelNotFoundError:
     return ModelNotFoundError(f"model {name!r} is not served by {url} (models: {served})")
 
 
-def server_error(err: BaseException, url: str, protocol: str, action: str) -> SSDClientError:
-    """Translate tritonclient / socket / aiohttp errors into the client's exceptions."""
-    where = f"Triton server at {url} ({protocol})"
+def server_error(err: BaseException, url: str, protocol: str, action: str, attempts: int = 1) -> SSDClientError:
+    """Translate tritonclient / socket / aiohttp errors into the client's exceptions; `attempts` > 1 says
+    the call was retried before giving up."""
+    error = _translate(err, f"Triton server at {url} ({protocol})", action)
+    return type(error)(f"{error} (gave up after {attempts} attempts)") if attempts > 1 else error
+
+
+def _translate(err: BaseException, where: str, action: str) -> SSDClientError:
     if isinstance(err, SSDClientError):
         return err
     if isinstance(err, InferenceServerException):
-        status, message = str(err.status() or ""), err.message() or str(err)
+        status, message = str(err.status() or ""), _one_line(err.message() or str(err))
+        if _restricted(err):
+            what = ("shared memory (start it with `ssd-serve --allow-shared-memory`)"
+                    if action == REGISTERING_SHARED_MEMORY else action)
+            return SSDClientError(f"the {where} does not allow {what}: {message}")
         if "DEADLINE_EXCEEDED" in status:
             return ServerUnavailableError(f"{where} timed out while {action}")
-        if "UNAVAILABLE" in status:
-            return ServerUnavailableError(f"cannot reach the {where}: is it running? ({_one_line(message)})")
-        return InferenceError(f"{where} failed while {action}: {_one_line(message)}")
+        if "UNAVAILABLE" in status:  # gRPC's code for "cannot connect" too
+            return ServerUnavailableError(f"cannot reach the {where}: is it running? ({message})")
+        if status == "503":
+            return ServerUnavailableError(f"the {where} is unavailable while {action}: {message}")
+        return InferenceError(f"{where} failed while {action}: {message}")
     if isinstance(err, TimeoutError):
         return ServerUnavailableError(f"{where} timed out while {action}")
     if isinstance(err, OSError):  # connection refused/reset; aiohttp's connection errors are OSErrors too
         return ServerUnavailableError(f"cannot reach the {where}: is it running? ({_one_line(str(err))})")
-    if type(err).__module__.startswith("aiohttp"):  # e.g. ServerDisconnectedError
-        return ServerUnavailableError(f"lost the {where} while {action}: {type(err).__name__}")
+    if _dropped(err):
+        return ServerUnavailableError(f"lost the {where} while {action}: it closed the connection "
+                                      f"({type(err).__name__}: {_one_line(str(err))})")
+    if isinstance(err, http.client.HTTPException) or type(err).__module__.startswith("aiohttp"):
+        return ServerUnavailableError(f"cannot reach the {where}: it does not answer in HTTP, is that its gRPC "
+                                      f"port? ({type(err).__name__}: {_one_line(str(err))})")
     return InferenceError(f"{where} failed while {action}: {type(err).__name__}: {_one_line(str(err))}")
+
+
+def retryable(err: BaseException) -> bool:
+    """Whether trying again can help: the server could not be reached, dropped the connection or said it is
+    unavailable for now (gRPC UNAVAILABLE, HTTP 503). Not a rejected request (a bad image fails at once),
+    a timeout (the next try would wait as long) or an API the server restricts."""
+    if isinstance(err, InferenceServerException):
+        return str(err.status()) in ("StatusCode.UNAVAILABLE", "503") and not _restricted(err)
+    if isinstance(err, TimeoutError):
+        return False
+    return isinstance(err, OSError) or _dropped(err)
+
+
+def _restricted(err: InferenceServerException) -> bool:
+    """Triton's answer to a call its --http-restricted-api / --grpc-restricted-protocol covers: "This API
+    (protocol) is restricted, expecting header ...", HTTP 403 but gRPC UNAVAILABLE."""
+    return "is restricted" in (err.message() or "")
+
+
+def _dropped(err: BaseException) -> bool:
+    """The peer closed the connection before its whole answer came. geventhttpclient (sync HTTP) raises
+    HTTPConnectionClosed or an HTTPParseError about the early end; aiohttp raises ServerDisconnectedError,
+    or ClientPayloadError for a cut body. Resets are OSErrors in both."""
+    if type(err).__module__.startswith("aiohttp"):
+        return type(err).__name__ in ("ServerDisconnectedError", "ClientPayloadError")
+    return isinstance(err, http.client.HTTPException) and any(
+        sign in str(err) for sign in ("closed", "EOF", "Incomplete"))
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded retries with exponential backoff for the errors `retryable` accepts; `retries=0` turns
+    them off. Requests are safe to send again: inference has no side effects, and a shared-memory request
+    re-reads the same input region."""
+
+    retries: int = DEFAULT_RETRIES
+    backoff: float = DEFAULT_RETRY_BACKOFF
+
+    def __post_init__(self):
+        if not isinstance(self.retries, int) or self.retries < 0:
+            raise SSDClientError(f"retries must be a whole number >= 0, got {self.retries}")
+        if not self.backoff >= 0:
+            raise SSDClientError(f"retry backoff must be >= 0 seconds, got {self.backoff}")
+
+    def delay(self, retry: int) -> float:
+        """Seconds before retry number `retry` (0 for the first): the backoff doubled each time up to
+        MAX_RETRY_BACKOFF, then a random part of its upper half, so that clients that failed together do
+        not all come back together."""
+        ceiling = min(MAX_RETRY_BACKOFF, self.backoff * 2 ** retry)
+        return random.uniform(ceiling / 2, ceiling)
+
+    def delay_after(self, err: BaseException, retry: int) -> float | None:
+        """After failed try number `retry` (0 for the first try): seconds to wait before the next one, or
+        None when the error is final."""
+        return self.delay(retry) if retry < self.retries and retryable(err) else None
 
 
 def _one_line(text: str) -> str:
