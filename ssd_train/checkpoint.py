@@ -2,18 +2,22 @@
 
 Format (NVIDIA's keys plus ours): {epoch, iteration, optimizer, scheduler, label_map, model} where
 `label_map` is NVIDIA's {label: name}; we add `categories` (label order, with dataset ids), `backbone`,
-`scaler` (AMP) and `format`. NVIDIA checkpoints lack the additions: they load as ResNet-50 with the
-COCO label map unless told otherwise.
+`scaler` (AMP), `settings` (the run's settings and dataset size, which a resumed run is checked
+against), `random` (the random number generators' states) and `format`. NVIDIA checkpoints, and ours
+from before, lack some of the additions: they load as ResNet-50 with the COCO label map unless told
+otherwise, and resume without the checks.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 import tempfile
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ssd_train.labels import LabelMap, LabelMapError
@@ -50,8 +54,9 @@ def save_checkpoint(path: str | Path, state: dict) -> Path:
 
 
 def training_state(*, epoch: int, iteration: int, model, optimizer, scheduler, scaler, label_map: LabelMap,
-                   backbone: str) -> dict:
-    """What a training checkpoint holds; `epoch` = number of finished epochs."""
+                   backbone: str, settings: dict) -> dict:
+    """What a training checkpoint holds; `epoch` = number of finished epochs, `settings` the run's
+    (plain JSON types: `weights_only` loading takes nothing else)."""
     return {
         "epoch": epoch,
         "iteration": iteration,
@@ -62,7 +67,35 @@ def training_state(*, epoch: int, iteration: int, model, optimizer, scheduler, s
         "label_map": label_map.to_nvidia(),
         "categories": label_map.to_json(),
         "backbone": backbone,
+        "settings": settings,
+        "random": random_states(),
     }
+
+
+def random_states() -> dict:
+    """The states of this process's random number generators (torch, its CUDA device's, numpy,
+    Python) as tensors and numbers, which `weights_only` loading accepts."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, python_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,  # the current device's
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "gauss": float(gauss)},
+        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": python_gauss},
+    }
+
+
+def set_random_states(states: dict) -> None:
+    """Undo `random_states()` (the CUDA state goes to the current device, if there is one)."""
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+    numpy = states["numpy"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+                         numpy["gauss"]))
+    python = states["python"]
+    random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss"]))
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from ssd_train.model import BACKBONES
+from ssd_train.train import FitConfig
 
 EPOCH_LIST = "comma-separated epoch indices (0-based)"
 
@@ -107,46 +108,69 @@ def _precision_options(func):
 
 @cli.command()
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="COCO-layout dataset directory.")
-@click.option("--save", default="runs/ssd300", show_default=True, type=click.Path(path_type=Path),
+@click.option("--save", default=str(FitConfig.save), show_default=True, type=click.Path(path_type=Path),
               help="Directory for epoch_N.pt checkpoints and metrics.jsonl.")
-@click.option("--epochs", default=65, show_default=True)
-@click.option("--batch-size", "--bs", default=32, show_default=True, help="Per process.")
-@click.option("--eval-batch-size", "--ebs", default=32, show_default=True)
-@click.option("--learning-rate", "--lr", default=2.6e-3, show_default=True,
+@click.option("--epochs", default=FitConfig.epochs, show_default=True)
+@click.option("--batch-size", "--bs", default=FitConfig.batch_size, show_default=True, help="Per process.")
+@click.option("--eval-batch-size", "--ebs", default=FitConfig.eval_batch_size, show_default=True)
+@click.option("--learning-rate", "--lr", default=FitConfig.learning_rate, show_default=True,
               help="For batch 32 on one process; scaled by batch/32 and the number of processes.")
-@click.option("--multistep", default="43,54", show_default=True, callback=_int_list,
-              help="Epochs at which the learning rate drops x0.1.")
-@click.option("--warmup", default=0, show_default=True, help="Linear warmup iterations.")
-@click.option("--momentum", default=0.9, show_default=True)
-@click.option("--weight-decay", "--wd", default=5e-4, show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--checkpoint", type=click.Path(path_type=Path), help="Resume from this checkpoint.")
-@click.option("--evaluation", default="21,31,37,42,48,53,59,64", show_default=True, callback=_int_list,
+@click.option("--multistep", default=",".join(map(str, FitConfig.multistep)), show_default=True,
+              callback=_int_list, help="Epochs at which the learning rate drops x0.1.")
+@click.option("--warmup", default=FitConfig.warmup, show_default=True, help="Linear warmup iterations.")
+@click.option("--momentum", default=FitConfig.momentum, show_default=True)
+@click.option("--weight-decay", "--wd", default=FitConfig.weight_decay, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=FitConfig.seed, show_default=True)
+@click.option("--checkpoint", type=click.Path(path_type=Path),
+              help="Resume from this checkpoint (an epoch_N.pt of the run; see --resume-anyway).")
+@click.option("--evaluation", default=",".join(map(str, FitConfig.evaluation)), show_default=True,
+              callback=_int_list,
               help=f"Evaluate after these epochs ({EPOCH_LIST}); the last epoch is always evaluated.")
-@click.option("--backbone", type=click.Choice(BACKBONES), default="resnet50", show_default=True)
+@click.option("--backbone", type=click.Choice(BACKBONES), default=FitConfig.backbone, show_default=True)
 @click.option("--backbone-path", type=click.Path(path_type=Path),
               help="torchvision-format ResNet state dict (otherwise ImageNet weights are tried).")
-@click.option("--pretrained-backbone/--no-pretrained-backbone", default=True, show_default=True,
+@click.option("--pretrained-backbone/--no-pretrained-backbone", default=FitConfig.pretrained_backbone,
+              show_default=True,
               help="Try torchvision's ImageNet weights when --backbone-path is not given.")
 @click.option("--num-workers", "-j", type=int, default=None, help="Data loading workers/threads.")
 @click.option("--json-summary", type=click.Path(path_type=Path), help="Write the final summary (mAP, ...) here.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N [default: cuda when available].")
-@click.option("--precise-bn", default=0, show_default=True, metavar="BATCHES",
+@click.option("--precise-bn", default=FitConfig.precise_bn, show_default=True, metavar="BATCHES",
               help="Before each evaluation (and the last checkpoint) recompute BatchNorm statistics over this "
                    "many training batches; helps short or small-batch runs (the reference does not).")
-@click.option("--augment/--no-augment", default=True, show_default=True,
+@click.option("--augment/--no-augment", default=FitConfig.augment, show_default=True,
               help="SSD training augmentations (random IoU crop, flip, colour jitter).")
+@click.option("--max-nonfinite-steps", type=click.IntRange(min=1), default=FitConfig.max_nonfinite_steps,
+              show_default=True, help="A step whose loss is not finite is skipped with a warning; this many in a "
+                                      "row stop the run with an error (the last checkpoint is kept).")
+@click.option("--resume-anyway", is_flag=True,
+              help="Resume from --checkpoint even if its run had another batch size, number of processes, number "
+                   "of training images, learning rate, multistep, warmup, momentum, weight decay, seed or "
+                   "augmentation setting (refused otherwise: the result would not continue that run). "
+                   "--epochs may always change.")
+@click.option("--log-interval", default=FitConfig.log_interval, show_default=True, metavar="STEPS",
+              help="Write the mean training loss to metrics.jsonl every this many steps.")
 @_data_backend_option()
 @_precision_options
 @user_errors
 def fit(**options):
-    """Train SSD300 on a COCO-layout dataset (torchrun for several processes)."""
+    """Train SSD300 on a COCO-layout dataset (torchrun for several processes).
+
+    Each epoch ends with SAVE/epoch_N.pt; --checkpoint resumes from one after checking that the
+    settings match the run's. With the PyTorch data backend the resumed run is exactly the
+    uninterrupted one (the same data, augmentation and schedule).
+    Boxes that are degenerate, non-finite or outside their image are dropped (a warning counts them);
+    a box of a category the annotation file does not list, or a missing or unreadable image, is an
+    error before training starts."""
     from ssd_train.data.loaders import default_backend
-    from ssd_train.train import FitConfig, fit as run_fit
+    from ssd_train.train import TrainingError, fit as run_fit
 
     options["data_backend"] = options["data_backend"] or default_backend()
     _check_training_batch(options["batch_size"])
-    summary = run_fit(FitConfig(**options))
+    try:
+        summary = run_fit(FitConfig(**options))
+    except TrainingError as err:
+        raise click.ClickException(str(err)) from None
     if summary.get("coco_summary"):
         click.echo(summary["coco_summary"].rstrip())
     if summary.get("mAP") is not None:

@@ -1,5 +1,6 @@
 """The training loop of SSD300 v1.1: optimizer groups, warmup + multistep schedule, AMP, DDP,
-atomic per-epoch checkpoints, exact resume and periodic COCO evaluation."""
+atomic per-epoch checkpoints, exact and checked resume, steps with a non-finite loss skipped, and
+periodic COCO evaluation."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -24,6 +25,10 @@ from ssd_train.model import build_model
 log = logging.getLogger(__name__)
 
 REFERENCE_BATCH = 32  # the learning rate is given for this batch size per GPU
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on: its loss or weights stopped being finite."""
 
 
 @dataclass
@@ -55,6 +60,51 @@ class FitConfig:
     log_interval: int = 20
     progress: bool = True
     precise_bn: int = 0  # batches to recompute BatchNorm statistics on before evaluating/the last save
+    max_nonfinite_steps: int = 10  # stop after this many steps in a row with a non-finite loss
+    resume_anyway: bool = False  # resume even if the checkpoint's run had other RESUME_CHECKED settings
+
+
+# Settings a resumed run must share with the checkpoint's run to continue it: they set the
+# learning-rate schedule, the optimiser or the data of each step. Others may change: the number of
+# epochs (extending a run is legitimate) and how the run is carried out (device, precision, workers,
+# data backend, evaluation).
+RESUME_CHECKED = {"batch_size": "batch size", "world_size": "processes", "train_images": "training images",
+                  "learning_rate": "learning rate", "multistep": "multistep", "warmup": "warmup",
+                  "momentum": "momentum", "weight_decay": "weight decay", "seed": "seed", "augment": "augment"}
+
+
+def run_settings(cfg: FitConfig, world_size: int, train_images: int, iterations_per_epoch: int) -> dict:
+    """The run's settings and dataset size in plain JSON types (what a checkpoint records)."""
+    def plain(value):
+        return str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
+
+    settings = {f.name: plain(getattr(cfg, f.name)) for f in fields(cfg)}
+    return {**settings, "world_size": world_size, "train_images": train_images,
+            "iterations_per_epoch": iterations_per_epoch}
+
+
+def check_resume(saved: dict | None, current: dict, path, anyway: bool) -> None:
+    """Refuse (or with `anyway`, warn) when `current` settings differ from the checkpoint's run's."""
+    if saved is None:
+        log.warning("%s does not record its run's settings (an NVIDIA checkpoint, or one of ours from before "
+                    "they were recorded): resuming without checking them", path)
+        return
+    changes = "; ".join(f"{name} {saved[key]} (now {current[key]})" for key, name in RESUME_CHECKED.items()
+                        if key in saved and saved[key] != current[key])
+    if changes and not anyway:
+        raise ckpt.CheckpointError(f"{path} comes from a run with other settings: {changes}; resume with that run's "
+                                   "settings, or pass --resume-anyway to go on with these")
+    if changes:
+        log.warning("resuming %s with changed settings: %s", path, changes)
+
+
+def use_settings(optimizer, scheduler, lr: float, momentum: float, weight_decay: float) -> None:
+    """After loading a checkpoint's optimizer and scheduler: this run's learning rate, momentum and
+    weight decay (the same as the checkpoint's unless the run resumes anyway)."""
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)  # what the scheduler's last step set
+    for group, decay in zip(optimizer.param_groups, (weight_decay, 0.0)):
+        group.update(lr=lr * factor, momentum=momentum, weight_decay=decay)
 
 
 @dataclass
@@ -123,15 +173,19 @@ def make_grad_scaler(device: str, amp: bool):
     return torch.amp.GradScaler("cuda", enabled=enabled) if enabled else None
 
 
-def train_step(model, loss_fn, optimizer, scaler, batch, device, amp: bool, channels_last: bool) -> torch.Tensor:
+def train_step(model, loss_fn, optimizer, scaler, batch, device, amp: bool, channels_last: bool,
+               skip_nonfinite: bool = False) -> torch.Tensor | None:
     """One optimisation step on a batch (images, target offsets, target labels); returns the loss.
-    Shared by `fit` and `ssd-train benchmark --mode training`."""
+    With `skip_nonfinite`, a loss that is not finite (on any process) skips the step: no backward
+    pass, no update, and None is returned. Shared by `fit` and `ssd-train benchmark --mode training`."""
     images, offsets, labels = (t.to(device, non_blocking=True) for t in batch)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     with autocast(device, amp):
         locs, scores = model(images)
     loss = loss_fn(locs, scores, offsets, labels)
+    if skip_nonfinite and not all_finite(loss):
+        return None
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -141,6 +195,55 @@ def train_step(model, loss_fn, optimizer, scaler, batch, device, amp: bool, chan
         loss.backward()
         optimizer.step()
     return loss.detach()
+
+
+def all_finite(loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every process (they must all skip a step, or none)."""
+    finite = torch.isfinite(loss).float()
+    if dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+class NonFiniteGuard:
+    """Keeps count of the steps skipped for a non-finite loss and stops the run after `limit` in a
+    row. A skipped forward pass has already moved BatchNorm's running statistics, maybe to inf or
+    NaN: they go back to those of the last good step. `last_checkpoint`: for the error message."""
+
+    def __init__(self, model: torch.nn.Module, limit: int, last_checkpoint: Path | None):
+        self.limit, self.in_a_row, self.skipped = limit, 0, 0
+        self.since = ""  # where the current run of non-finite losses began
+        self.last_checkpoint = last_checkpoint
+        self.buffers = list(model.buffers())
+        self.saved = [b.clone() for b in self.buffers]
+
+    def good_step(self) -> None:
+        torch._foreach_copy_(self.saved, self.buffers)
+        self.in_a_row = 0
+
+    def bad_step(self, epoch: int, iteration: int) -> None:
+        torch._foreach_copy_(self.buffers, self.saved)
+        self.in_a_row += 1
+        self.skipped += 1
+        if self.in_a_row == 1:
+            self.since = f"epoch {epoch}, iteration {iteration}"
+        log.warning("epoch %d, iteration %d: the loss is not finite, step skipped (%d in a row)",
+                    epoch, iteration, self.in_a_row)
+        if self.in_a_row >= self.limit:
+            raise TrainingError(f"training stopped: the loss was not finite for {self.in_a_row} steps in a row, "
+                                f"since {self.since}; {self._advice()}")
+
+    def check_weights(self, model: torch.nn.Module, epoch: int) -> None:
+        """Never save weights that are not finite (a finite loss can still have non-finite gradients)."""
+        if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
+            raise TrainingError(f"training stopped after epoch {epoch}: the weights are no longer finite and were "
+                                f"not saved; {self._advice()}")
+
+    def _advice(self) -> str:
+        if self.last_checkpoint is None:
+            return "no checkpoint was written. Lower the learning rate or lengthen the warmup"
+        return (f"nothing was saved after {self.last_checkpoint}. Resume from it (or an earlier checkpoint) with "
+                "a lower learning rate and --resume-anyway")
 
 
 @torch.no_grad()
@@ -192,6 +295,33 @@ def check_writable(directory: Path) -> None:
         raise ckpt.CheckpointError(f"cannot write checkpoints to {directory}: {err.strerror}") from None
 
 
+def train_one_epoch(train_model, loader, loss_fn, optimizer, scheduler, scaler, guard: NonFiniteGuard,
+                    metrics: MetricsLog, cfg: FitConfig, epoch: int, iteration: int, device: str, amp: bool,
+                    show_progress: bool) -> tuple[int, list[torch.Tensor], int]:
+    """One pass over `loader`; returns the iteration count after it, the losses of the steps taken
+    and the number of steps skipped."""
+    train_model.train()
+    losses, skipped = [], 0
+    bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", disable=not show_progress, mininterval=2,
+               dynamic_ncols=True)
+    for batch in bar:
+        loss = train_step(train_model, loss_fn, optimizer, scaler, batch, device, amp, cfg.channels_last,
+                          skip_nonfinite=True)
+        scheduler.step()  # a skipped step still uses up its place in the schedule
+        iteration += 1
+        if loss is None:
+            skipped += 1
+            guard.bad_step(epoch, iteration)
+            continue
+        guard.good_step()
+        losses.append(loss)
+        if iteration % cfg.log_interval == 0:
+            value = torch.stack(losses[-cfg.log_interval:]).mean().item()
+            bar.set_postfix(loss=f"{value:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            metrics.write("train", epoch=epoch, iteration=iteration, loss=value, lr=scheduler.get_last_lr()[0])
+    return iteration, losses, skipped
+
+
 def fit(cfg: FitConfig) -> dict:
     """Train; returns the summary (also written to `cfg.json_summary`)."""
     cfg.save = Path(cfg.save)
@@ -203,6 +333,9 @@ def fit(cfg: FitConfig) -> dict:
     set_math_modes(cfg.tf32)
 
     resume = ckpt.load_checkpoint(cfg.checkpoint) if cfg.checkpoint else None
+    if resume is not None and not {"optimizer", "scheduler", "epoch", "iteration"} <= resume.keys():
+        raise ckpt.CheckpointError(f"{cfg.checkpoint} holds no training state (optimizer, scheduler, epoch): "
+                                   "it can be evaluated or exported, not resumed")
     backbone = ckpt.checkpoint_backbone(resume, None) if resume else cfg.backbone
     expected_labels = ckpt.checkpoint_label_map(resume) if resume else None
     train_loader = build_train_loader(cfg.data_backend, cfg.data, "train2017", cfg.batch_size, expected_labels,
@@ -211,6 +344,10 @@ def fit(cfg: FitConfig) -> dict:
     eval_loader, label_map = build_eval_loader(cfg.data_backend, cfg.data, "val2017", cfg.eval_batch_size,
                                                expected_labels, ddp.rank, ddp.world_size, device, cfg.num_workers)
     annotation_file = Path(cfg.data) / "annotations" / "instances_val2017.json"
+    iters_per_epoch = len(train_loader)
+    settings = run_settings(cfg, ddp.world_size, len(train_loader.annotations.images), iters_per_epoch)
+    if resume:
+        check_resume(resume.get("settings"), settings, cfg.checkpoint, cfg.resume_anyway)
 
     torch.manual_seed(cfg.seed)
     model = build_model(backbone, label_map.num_classes, cfg.backbone_path and str(cfg.backbone_path),
@@ -225,7 +362,6 @@ def fit(cfg: FitConfig) -> dict:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
 
-    iters_per_epoch = len(train_loader)
     lr = scaled_learning_rate(cfg.learning_rate, cfg.batch_size, ddp.world_size)
     optimizer = torch.optim.SGD(parameter_groups(model, cfg.weight_decay), lr=lr, momentum=cfg.momentum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(iters_per_epoch, cfg.multistep, cfg.warmup))
@@ -235,41 +371,32 @@ def fit(cfg: FitConfig) -> dict:
     if resume:
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
+        use_settings(optimizer, scheduler, lr, cfg.momentum, cfg.weight_decay)
         if scaler is not None and resume.get("scaler"):
             scaler.load_state_dict(resume["scaler"])
+        if resume.get("random"):
+            ckpt.set_random_states(resume["random"])
         start_epoch, iteration = int(resume["epoch"]), int(resume["iteration"])
 
     if ddp.is_main:
         check_writable(cfg.save)
     metrics = MetricsLog(cfg.save / "metrics.jsonl" if ddp.is_main else None)
-    if ddp.is_main:
-        metrics.write("start", backbone=backbone, classes=label_map.num_classes, device=device, amp=amp,
-                      world_size=ddp.world_size, batch_size=cfg.batch_size, lr=lr, epochs=cfg.epochs,
-                      iterations_per_epoch=iters_per_epoch, data_backend=cfg.data_backend, augment=cfg.augment,
-                      resumed_from=str(cfg.checkpoint) if resume else None, start_epoch=start_epoch)
+    metrics.write("start", backbone=backbone, classes=label_map.num_classes, device=device, amp=amp,
+                  world_size=ddp.world_size, batch_size=cfg.batch_size, lr=lr, epochs=cfg.epochs,
+                  iterations_per_epoch=iters_per_epoch, train_images=settings["train_images"],
+                  dropped_boxes=train_loader.annotations.num_dropped, data_backend=cfg.data_backend,
+                  augment=cfg.augment, resumed_from=str(cfg.checkpoint) if resume else None, start_epoch=start_epoch)
+    guard = NonFiniteGuard(model, cfg.max_nonfinite_steps, cfg.checkpoint)
     summary: dict = {"mAP": None, "evaluations": []}
     started = time.perf_counter()
     images_seen = 0
     for epoch in range(start_epoch, cfg.epochs):
-        torch.manual_seed(cfg.seed + epoch)  # augmentation randomness is a function of (seed, epoch)
-        if hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(epoch)
-        train_model.train()
-        epoch_start, running = time.perf_counter(), []
-        bar = tqdm(train_loader, desc=f"epoch {epoch}", unit="batch", disable=not (cfg.progress and ddp.is_main),
-                   mininterval=2, dynamic_ncols=True)
-        for batch in bar:
-            loss = train_step(train_model, loss_fn, optimizer, scaler, batch, device, amp, cfg.channels_last)
-            scheduler.step()
-            iteration += 1
-            running.append(loss)
-            if iteration % cfg.log_interval == 0:
-                value = torch.stack(running[-cfg.log_interval:]).mean().item()
-                bar.set_postfix(loss=f"{value:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-                if ddp.is_main:
-                    metrics.write("train", epoch=epoch, iteration=iteration, loss=value,
-                                  lr=scheduler.get_last_lr()[0])
-        if not running:
+        train_loader.set_epoch(epoch)
+        epoch_start = time.perf_counter()
+        iteration, losses, skipped = train_one_epoch(
+            train_model, train_loader, loss_fn, optimizer, scheduler, scaler, guard, metrics, cfg, epoch, iteration,
+            device, amp, cfg.progress and ddp.is_main)
+        if not losses and not skipped:
             raise RuntimeError("the training loader yielded no batch")
         seconds = time.perf_counter() - epoch_start  # training only: not the BN and evaluation work below
         evaluate_now = epoch in cfg.evaluation or epoch == cfg.epochs - 1
@@ -280,15 +407,18 @@ def fit(cfg: FitConfig) -> dict:
             # take rank 0's so every rank evaluates (and rank 0 saves) the same model.
             for buffer in model.buffers():
                 dist.broadcast(buffer, src=0)
-        epoch_images = len(running) * cfg.batch_size * ddp.world_size
+        guard.check_weights(model, epoch)
+        epoch_images = (len(losses) + skipped) * cfg.batch_size * ddp.world_size
         images_seen += epoch_images
-        epoch_loss = torch.stack(running).mean().item()
+        epoch_loss = torch.stack(losses).mean().item() if losses else None
+        path = cfg.save / f"epoch_{epoch}.pt"
         if ddp.is_main:
-            metrics.write("epoch", epoch=epoch, iteration=iteration, loss=epoch_loss,
+            metrics.write("epoch", epoch=epoch, iteration=iteration, loss=epoch_loss, skipped_steps=skipped,
                           images_per_s=epoch_images / seconds, seconds=seconds)
-            ckpt.save_checkpoint(cfg.save / f"epoch_{epoch}.pt", ckpt.training_state(
+            ckpt.save_checkpoint(path, ckpt.training_state(
                 epoch=epoch + 1, iteration=iteration, model=model, optimizer=optimizer, scheduler=scheduler,
-                scaler=scaler, label_map=label_map, backbone=backbone))
+                scaler=scaler, label_map=label_map, backbone=backbone, settings=settings))
+        guard.last_checkpoint = path
         if evaluate_now:
             result = evaluate_model(model, eval_loader, label_map, annotation_file, device, amp,
                                     cfg.channels_last, cfg.progress and ddp.is_main)
@@ -299,7 +429,7 @@ def fit(cfg: FitConfig) -> dict:
                 log.info("epoch %d: mAP %.4f", epoch, result["mAP"])
     elapsed = time.perf_counter() - started
     summary.update(epochs=cfg.epochs, iterations=iteration, train_seconds=elapsed,
-                   images_per_s=images_seen / elapsed if elapsed > 0 else None,
+                   images_per_s=images_seen / elapsed if elapsed > 0 else None, skipped_steps=guard.skipped,
                    checkpoint=str(cfg.save / f"epoch_{cfg.epochs - 1}.pt"))
     if ddp.is_main:
         metrics.write("end", **{k: v for k, v in summary.items() if k != "coco_summary"})

@@ -8,7 +8,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ssd_train.data.layout import CocoSplit, DatasetError, load_annotations
+from ssd_train.data.annotations import check_image_files, read_boxes
+from ssd_train.data.layout import CocoSplit, DatasetError, load_annotations, split_images
 from ssd_train.labels import LabelMap, LabelMapError
 
 __all__ = ["CocoDetection", "CocoImages", "CocoSplit", "DatasetError", "dataset_label_map", "load_annotations"]
@@ -36,8 +37,8 @@ class CocoDetection(torch.utils.data.Dataset):
     """Images with their boxes (xyxy, pixels) and contiguous labels, through `transform`.
 
     `transform(image: PIL RGB, boxes: float32 (G, 4) xyxy normalised, labels: int64 (G,))` makes the
-    sample. Crowd annotations and boxes under a pixel are dropped; with `skip_empty` so are images left
-    without boxes (training).
+    sample. The boxes are those ssd_train.data.annotations keeps; with `skip_empty` only images with
+    such boxes are samples (training). `annotations` tells what was read and what was dropped.
     """
 
     def __init__(self, root, split: str, transform=None, label_map: LabelMap | None = None,
@@ -45,26 +46,12 @@ class CocoDetection(torch.utils.data.Dataset):
         self.split = CocoSplit(Path(root), split)
         data = load_annotations(self.split)
         self.label_map = dataset_label_map(data, label_map, self.split.annotation_file)
+        self.annotations = read_boxes(self.split, data, skip_empty)
         label_of = self.label_map.label_of()
-        boxes: dict[int, list] = {}
-        labels: dict[int, list] = {}
-        try:
-            for ann in data["annotations"]:
-                x, y, w, h = (float(v) for v in ann["bbox"])
-                if ann.get("iscrowd", 0) or w < 1 or h < 1:
-                    continue
-                boxes.setdefault(ann["image_id"], []).append((x, y, x + w, y + h))
-                labels.setdefault(ann["image_id"], []).append(label_of[ann["category_id"]])
-            self.images = [
-                {"id": int(img["id"]), "file_name": img["file_name"], "width": int(img["width"]),
-                 "height": int(img["height"])}
-                for img in data["images"] if not skip_empty or img["id"] in boxes
-            ]
-        except (KeyError, ValueError, TypeError) as err:
-            raise DatasetError(f"{self.split.annotation_file}: malformed entry ({type(err).__name__}: {err})") from None
-        self.images.sort(key=lambda img: img["id"])
-        self._boxes = {k: np.asarray(v, dtype=np.float32) for k, v in boxes.items()}
-        self._labels = {k: np.asarray(v, dtype=np.int64) for k, v in labels.items()}
+        self.images = self.annotations.images
+        self._boxes = {k: np.asarray(v, dtype=np.float32) for k, v in self.annotations.boxes.items()}
+        self._labels = {k: np.asarray([label_of[c] for c in v], dtype=np.int64)
+                        for k, v in self.annotations.category_ids.items()}
         self.transform = transform
 
     def __len__(self) -> int:
@@ -74,12 +61,7 @@ class CocoDetection(torch.utils.data.Dataset):
         return self.split.image_dir / self.images[index]["file_name"]
 
     def load_image(self, index: int) -> Image.Image:
-        path = self.image_path(index)
-        try:
-            with Image.open(path) as img:
-                return img.convert("RGB")
-        except (OSError, UnidentifiedImageError) as err:
-            raise DatasetError(f"cannot read image {path}: {err}") from None
+        return read_image(self.image_path(index))
 
     def target(self, index: int, width: int, height: int) -> tuple[torch.Tensor, torch.Tensor]:
         image_id = self.images[index]["id"]
@@ -96,24 +78,31 @@ class CocoDetection(torch.utils.data.Dataset):
 
 
 class CocoImages(torch.utils.data.Dataset):
-    """Every image of a split (annotated or not) for evaluation: (tensor, (height, width), image id)."""
+    """Every image of a split (annotated or not) for evaluation: (tensor, (height, width), image id).
+    Its boxes are not read here: evaluation compares with the annotation file itself."""
 
     def __init__(self, root, split: str, transform, label_map: LabelMap | None = None):
-        self.dataset = CocoDetection(root, split, None, label_map, skip_empty=False)
+        split = CocoSplit(Path(root), split)
+        data = load_annotations(split)
+        self.label_map = dataset_label_map(data, label_map, split.annotation_file)
+        self.annotation_file = split.annotation_file
+        self.images = split_images(split, data)
+        check_image_files(path for _, path in self.images)
         self.transform = transform
 
-    @property
-    def label_map(self) -> LabelMap:
-        return self.dataset.label_map
-
-    @property
-    def annotation_file(self) -> Path:
-        return self.dataset.split.annotation_file
-
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.images)
 
     def __getitem__(self, index: int):
-        image = self.dataset.load_image(index)
+        image_id, path = self.images[index]
+        image = read_image(path)
         size = torch.tensor([image.height, image.width], dtype=torch.int32)
-        return self.transform(image), size, self.dataset.images[index]["id"]
+        return self.transform(image), size, image_id
+
+
+def read_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, UnidentifiedImageError) as err:
+        raise DatasetError(f"cannot read image {path}: {err}") from None

@@ -13,7 +13,7 @@ need torch -- as long as the `ssd_train.data` package itself does not import it.
 from __future__ import annotations
 
 import json
-import re
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -295,14 +295,12 @@ BRIGHTNESS = (0.875, 1.125)
 CONTRAST = (0.5, 1.5)
 SATURATION = (0.5, 1.5)
 HUE_DEGREES = (-18.0, 18.0)
-# Annotations the PyTorch path drops too: crowd regions and boxes under a pixel wide or high.
-MIN_BOX_PIXELS = 1.0
 
 
-def _coco_reader(data_dir, split: str, shard_id: int, num_shards: int, **kwargs):
+def _coco_reader(data_dir, split: str, shard_id: int, num_shards: int, annotations_file=None, **kwargs):
     return fn.readers.coco(
         file_root=f"{data_dir}/{split}",
-        annotations_file=f"{data_dir}/annotations/instances_{split}.json",
+        annotations_file=str(annotations_file or f"{data_dir}/annotations/instances_{split}.json"),
         shard_id=shard_id,
         num_shards=num_shards,
         name=READER,
@@ -338,10 +336,13 @@ def train_graph(
     shuffle_seed: int,
     device: str,
     shuffle: bool | None = None,
+    *,
+    annotations_file,
 ):
     """Reader -> [SSD crop, decode of the crop, flip] -> resize -> [jitter] -> normalise, and the
     boxes -> box encoder. Outputs (image float32 CHW, offsets float32 D x 4, labels int32 D).
-    `shuffle` defaults to `augment`."""
+    `shuffle` defaults to `augment`. `annotations_file` holds the boxes to train on (what
+    ssd_train.data.annotations keeps of the split's file: the reader takes every box it finds)."""
     decoder_device = "mixed" if device == "gpu" else "cpu"
     shuffle = augment if shuffle is None else shuffle
     shuffle = {"shuffle_after_epoch": True, "shuffle_after_epoch_seed": shuffle_seed} if shuffle else {}
@@ -350,11 +351,10 @@ def train_graph(
         split,
         shard_id,
         num_shards,
+        annotations_file,
         ltrb=True,
         ratio=True,
         skip_empty=True,
-        include_iscrowd=False,
-        size_threshold=MIN_BOX_PIXELS,
         avoid_class_remapping=True,  # DALI's own remapping follows the file's category order
         pad_last_batch=True,
         **shuffle,
@@ -367,7 +367,7 @@ def train_graph(
         default_value=0,
         dtype=types.INT32,
     )
-    boxes = dali_math.clamp(boxes, 0.0, 1.0)
+    boxes = dali_math.clamp(boxes, 0.0, 1.0)  # x + w may round past the image edge
     if augment:
         crop_begin, crop_size, boxes, labels = fn.random_bbox_crop(
             boxes,
@@ -419,21 +419,6 @@ def _box_coding() -> dict:
     }
 
 
-def read_categories(annotation_file) -> list[dict]:
-    """The `categories` list of a COCO annotation file, without parsing the (large) rest when the
-    list can be located directly: COCO files put it last, after hundreds of MB of annotations."""
-    text = Path(annotation_file).read_text()
-    decoder = json.JSONDecoder()
-    for match in re.finditer(r'"categories"\s*:\s*', text):
-        try:
-            value, _ = decoder.raw_decode(text, match.end())
-        except json.JSONDecodeError:
-            continue
-        if isinstance(value, list) and all(isinstance(c, dict) and "id" in c for c in value):
-            return value
-    return json.loads(text).get("categories", [])
-
-
 class DaliLoader:
     """A re-iterable loader over a DALI pipeline: each `for` over it is one epoch of torch tensor
     tuples (on the GPU for device="gpu"). `len()` = batches per epoch (equal on every shard).
@@ -444,9 +429,9 @@ class DaliLoader:
     reproducible, though not the uninterrupted run's order (DALI readers cannot seek).
     """
 
-    def __init__(self, make_pipeline, output_names, last_batch_policy, convert, check=None):
+    def __init__(self, make_pipeline, output_names, last_batch_policy, convert, annotations=None):
         self._make_pipeline = make_pipeline  # epoch -> pipeline
-        self._check = check  # built pipeline -> None, or raises (before DALI's iterator does)
+        self.annotations = annotations  # training: ssd_train.data.annotations.SplitBoxes
         self._output_names = output_names
         self._policy = last_batch_policy
         self._convert = convert
@@ -462,8 +447,6 @@ class DaliLoader:
         self._iterator = None  # release the old pipeline first
         pipe = self._make_pipeline(epoch)
         pipe.build()
-        if self._check is not None:
-            self._check(pipe)
         self._iterator = DALIGenericIterator(
             pipe,
             self._output_names,
@@ -526,11 +509,18 @@ def build_train_loader(
     Incomplete last batches are dropped, like the PyTorch path."""
     from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 
-    from ssd_train.data.coco import CocoSplit, DatasetError, dataset_label_map
+    from ssd_train.data.annotations import check_enough_images, read_boxes
+    from ssd_train.data.coco import CocoSplit, dataset_label_map, load_annotations
 
-    coco = CocoSplit(Path(data_dir), split).check()
-    categories = read_categories(coco.annotation_file)
-    label_map = dataset_label_map({"categories": categories}, label_map, coco.annotation_file)
+    coco = CocoSplit(Path(data_dir), split)
+    data = load_annotations(coco)
+    label_map = dataset_label_map(data, label_map, coco.annotation_file)
+    annotations = read_boxes(coco, data, skip_empty=True)
+    check_enough_images(split, len(annotations.images), batch_size, num_shards)
+    # The reader takes a file: give it one with only the boxes to train on. The pipeline builder
+    # below refers to the directory, which keeps it (deleted when the loader is) as long as needed.
+    workdir = tempfile.TemporaryDirectory(prefix="ssd_train_dali_")
+    Path(workdir.name, coco.annotation_file.name).write_text(json.dumps(annotations.to_coco(data["categories"])))
     device_id = _pipeline_device_id(device, device_id)
 
     def make_pipeline(epoch: int):
@@ -544,6 +534,7 @@ def build_train_loader(
             return train_graph(
                 str(coco.root), split, label_map.category_ids(), augment,
                 shard_id, num_shards, _epoch_seed(seed, epoch), device, shuffle,
+                annotations_file=Path(workdir.name, coco.annotation_file.name),
             )
 
         return ssd300_train()
@@ -551,16 +542,8 @@ def build_train_loader(
     def convert(batch):
         return batch["images"], batch["offsets"], batch["labels"].long()
 
-    def check(pipe):
-        annotated = pipe.reader_meta(READER)["epoch_size"]
-        if annotated < batch_size * num_shards:
-            raise DatasetError(
-                f"{split} has {annotated} annotated images, fewer than one batch "
-                f"({batch_size} x {num_shards} processes)"
-            )
-
     return DaliLoader(
-        make_pipeline, ["images", "offsets", "labels"], LastBatchPolicy.DROP, convert, check
+        make_pipeline, ["images", "offsets", "labels"], LastBatchPolicy.DROP, convert, annotations
     )
 
 

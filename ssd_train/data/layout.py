@@ -50,9 +50,10 @@ def load_annotations(split: CocoSplit) -> dict:
     return data
 
 
-def split_images(split: CocoSplit) -> list[tuple[int, Path]]:
-    """(image id, file) of every image of the split, sorted by id."""
-    data = load_annotations(split)
+def split_images(split: CocoSplit, data: dict | None = None) -> list[tuple[int, Path]]:
+    """(image id, file) of every image of the split, sorted by id (`data`: its annotation file,
+    when already loaded)."""
+    data = load_annotations(split) if data is None else data
     try:
         return sorted((int(e["id"]), split.image_dir / e["file_name"]) for e in data["images"])
     except (KeyError, ValueError, TypeError) as err:

@@ -2,19 +2,24 @@
 
 Training loaders yield (images (N, 3, 300, 300) float32, target_offsets (N, 8732, 4) float32,
 target_labels (N, 8732) int64); evaluation loaders yield (images, sizes (N, 2) int32 (height, width),
-image_ids (N,) int64) over every image of the split. Both have `len()` = batches per epoch and, for
-training, `set_epoch(e)` so the shuffle order is a function of (seed, epoch) and a resumed run sees
-the same batches. `backend="dali"` is ssd_train.data.dali; `backend="pytorch"` is defined here.
+image_ids (N,) int64) over every image of the split. Both have `len()` = batches per epoch. Training
+loaders also have `set_epoch(e)` -- with this module's backend the data of an epoch is a function
+of (seed, epoch), so a resumed run sees the batches of an uninterrupted one (DALI's: see its
+DaliLoader) -- and `annotations` (ssd_train.data.annotations.SplitBoxes: the images and boxes
+trained on, and the boxes dropped). `backend="dali"` is ssd_train.data.dali;
+`backend="pytorch"` is defined here.
 """
 
 from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ssd_train.data.coco import CocoDetection, CocoImages, DatasetError
+from ssd_train.data.annotations import SplitBoxes, check_enough_images
+from ssd_train.data.coco import CocoDetection, CocoImages
 from ssd_train.data.transforms import TrainTransform, to_model_input
 from ssd_train.labels import LabelMap
 
@@ -37,12 +42,39 @@ def default_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
 
-class _EpochLoader:
-    """A DataLoader over a DistributedSampler (also for one process: it makes the order a function
-    of seed and epoch), with `set_epoch`."""
+class _EpochSampler(DistributedSampler):
+    """A DistributedSampler (also for one process: it makes the order a function of seed and epoch)
+    whose indices come with their epoch, for _SeededSamples."""
 
-    def __init__(self, loader: DataLoader, sampler: DistributedSampler):
-        self.loader, self.sampler = loader, sampler
+    def __iter__(self):
+        return ((self.epoch, index) for index in super().__iter__())
+
+
+class _SeededSamples(torch.utils.data.Dataset):
+    """Samples whose random augmentation is seeded from (seed, epoch, index): the same in whichever
+    worker process loads them, with any number of workers, so a run resumed at an epoch boundary
+    sees the data of an uninterrupted one. DataLoader's own seeding is once per worker process, and
+    persistent workers carry their random state from epoch to epoch: a resumed run's fresh workers
+    augmented differently. (The transforms draw from torch's generator only.)"""
+
+    def __init__(self, dataset: CocoDetection, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        with torch.random.fork_rng(devices=[]):  # leaves the caller's generator alone (num_workers=0)
+            torch.manual_seed(int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0]))
+            return self.dataset[index]
+
+
+class _EpochLoader:
+    """A DataLoader over _SeededSamples in _EpochSampler's order, with `set_epoch`."""
+
+    def __init__(self, loader: DataLoader, sampler: _EpochSampler, annotations: SplitBoxes):
+        self.loader, self.sampler, self.annotations = loader, sampler, annotations
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
@@ -69,13 +101,13 @@ def build_train_loader(backend: str, data_dir, split: str = "train2017", batch_s
                                        num_threads=max(1, num_workers), augment=augment, shuffle=shuffle)
     _check_backend(backend)
     dataset = CocoDetection(data_dir, split, TrainTransform(augment), label_map, skip_empty=True)
-    if len(dataset) < batch_size * num_shards:
-        raise DatasetError(f"{split} has {len(dataset)} annotated images, fewer than one batch "
-                           f"({batch_size} x {num_shards} processes)")
-    sampler = DistributedSampler(dataset, num_shards, shard_id, shuffle=shuffle, seed=seed, drop_last=True)
-    loader = DataLoader(dataset, batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
-                        pin_memory=device != "cpu", persistent_workers=num_workers > 0)
-    return _EpochLoader(loader, sampler)
+    check_enough_images(split, len(dataset), batch_size, num_shards)
+    sampler = _EpochSampler(dataset, num_shards, shard_id, shuffle=shuffle, seed=seed, drop_last=True)
+    # The loader's own generator: drawing its worker seeds leaves the global one (the run's) alone.
+    loader = DataLoader(_SeededSamples(dataset, seed), batch_size, sampler=sampler, num_workers=num_workers,
+                        drop_last=True, pin_memory=device != "cpu", persistent_workers=num_workers > 0,
+                        generator=torch.Generator().manual_seed(seed))
+    return _EpochLoader(loader, sampler, dataset.annotations)
 
 
 def build_eval_loader(backend: str, data_dir, split: str = "val2017", batch_size: int = 32,
@@ -93,8 +125,9 @@ def build_eval_loader(backend: str, data_dir, split: str = "val2017", batch_size
         return loader, images.label_map
     _check_backend(backend)
     indices = list(range(shard_id, len(images), num_shards))
+    # Its own generator: drawing worker seeds from the global one would move the run's random state.
     loader = DataLoader(torch.utils.data.Subset(images, indices), batch_size, num_workers=num_workers,
-                        collate_fn=_collate_eval)
+                        collate_fn=_collate_eval, generator=torch.Generator())
     return loader, images.label_map
 
 
