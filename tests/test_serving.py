@@ -369,6 +369,24 @@ def test_decompression_bombs_fail_alone_and_never_reach_the_decoder(serve, expec
 
 
 @pytest.mark.slow
+def test_the_soak_tool_counts_what_the_server_did(serve, tmp_path):
+    summary_file = tmp_path / "soak.json"
+    run = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "tools" / "soak.py"),
+                          "--url", serve.endpoint("gRPC"), "--protocol", "grpc", "--clients", "2", "--requests", "5",
+                          "--corrupt-every", "3", "--oversized-every", "5", "--json-summary", str(summary_file)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    summary = json.loads(summary_file.read_text())
+    # Requests 1..10: 5 and 10 oversized, 3, 6 and 9 corrupt, the other 5 photos.
+    assert (summary["good_requests"], summary["answered"]) == (5, 5)
+    assert (summary["bad_requests"], summary["rejected"]) == (5, 5)
+    assert summary["collateral_failures"] == summary["bad_answered"] == 0
+    assert summary["server_pid"] in process_tree(serve.process.pid)  # found from the port
+    assert 0 < summary["rss_after_warmup"] <= summary["rss_peak"]
+    assert "collateral failures   0" in run.stdout
+
+
+@pytest.mark.slow
 def test_sigterm_stops_the_server_and_frees_its_ports(serve):
     serve.process.send_signal(signal.SIGTERM)
     assert serve.process.wait(120) == 0
