@@ -22,11 +22,11 @@ $(K8S_VENV)/.installed: Makefile
 	$(K8S_VENV)/bin/python -m pip install --quiet $(K8S_TOOLS)
 	touch $@
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml client/pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PINS)
-	$(PY) -m pip install --quiet -e '.[test]' $(TORCH_PINS)
+	$(PY) -m pip install --quiet -e ./client -e '.[test]' $(TORCH_PINS)
 	touch $@
 
 test: venv k8s-tools

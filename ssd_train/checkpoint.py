@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ssd_train.labels import LabelMap, LabelMapError
+from ssd_common.labels import LabelMap, LabelMapError
 from ssd_train.model import BACKBONES, SSD300, build_model
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ def user_errors(func):
     def wrapper(*args, **kwargs):
         from ssd_train.checkpoint import CheckpointError
         from ssd_train.data.coco import DatasetError
-        from ssd_train.labels import LabelMapError
+        from ssd_common.labels import LabelMapError
         from ssd_train.model import BackboneError
 
         errors = [CheckpointError, DatasetError, LabelMapError, BackboneError, FileNotFoundError]
@@ -79,13 +79,16 @@ def make_dataset():
 @click.option("--train", "train_count", default=200, show_default=True, help="Training images.")
 @click.option("--val", "val_count", default=50, show_default=True, help="Validation images.")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--style", type=click.Choice(["default", "demo"]), default="default", show_default=True,
+              help="demo: 300x300 images, plain backgrounds, objects of 70-140 px and one colour family per "
+                   "shape -- learnable from scratch in minutes on a CPU (make demo's dataset).")
 @user_errors
-def make_shapes(out, train_count, val_count, seed):
+def make_shapes(out, train_count, val_count, seed, style):
     """Coloured circles, rectangles and triangles with boxes: a deterministic toy COCO dataset."""
     from ssd_train.data.shapes import make_shapes_dataset
 
     try:
-        make_shapes_dataset(out, train_count, val_count, seed)
+        make_shapes_dataset(out, train_count, val_count, seed, style)
     except OSError as err:
         raise click.ClickException(f"cannot write dataset to {out}: {err.strerror}") from None
     click.echo(f"wrote {train_count} training and {val_count} validation images to {out} (COCO layout)")
@@ -194,7 +197,7 @@ def evaluate(data, checkpoint, split, backbone, eval_batch_size, num_workers, js
              data_backend, amp, tf32, channels_last):
     """COCO bbox mAP of a checkpoint on a split."""
     from ssd_train.checkpoint import load_for_inference
-    from ssd_train.coco_eval import write_summary
+    from ssd_common.coco_eval import write_summary
     from ssd_train.data.loaders import build_eval_loader, default_backend
     from ssd_train.evaluate import evaluate_model
     from ssd_train.train import pick_device, set_math_modes
@@ -243,7 +246,7 @@ def torch_channels_last():
 def predict(images, checkpoint, backbone, threshold, output_dir, batch_size, device, amp):
     """Detect objects in IMAGES; prints one JSON line per detection."""
     from ssd_train.data.dali import ImageDecodeError
-    from ssd_train.draw import save_annotated
+    from ssd_common.draw import save_annotated
     from ssd_train.predict import Predictor
     from ssd_train.train import pick_device
 

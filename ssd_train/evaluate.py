@@ -7,9 +7,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ssd_train.coco_eval import coco_evaluate, detection_records
+from ssd_common.coco_eval import coco_evaluate, detection_records
 from ssd_train.inference import category_lookup, detect
-from ssd_train.labels import LabelMap
+from ssd_common.labels import LabelMap
 
 
 @torch.no_grad()

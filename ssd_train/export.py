@@ -39,14 +39,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ssd_train.serving import io
+from ssd_common import io
 from ssd_train.serving.manifest import ARTIFACTS, MANIFEST_FILE, write_manifest
+from ssd_train.serving.served_repository import PACKAGE_REPOSITORY
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16")
-# The model configs and model code in git (a source checkout; `pip install -e .`).
-PACKAGE_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 # Files of the package repository that export produces or that are build leftovers.
 _ARTIFACTS = shutil.ignore_patterns(*ARTIFACTS, io.DALI_FILE, MANIFEST_FILE, "__pycache__", "*.pyc", "*.tmp")
 # Largest traced-vs-eager (fp32 model) difference accepted, as a fraction of the output's range.

@@ -7,7 +7,7 @@ import torch
 
 from ssd_train.checkpoint import load_for_inference
 from ssd_train.inference import category_lookup, detect
-from ssd_train.labels import LabelMap
+from ssd_common.labels import LabelMap
 
 
 class Predictor:

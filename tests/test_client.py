@@ -33,8 +33,8 @@ from ssd_client.images import (as_image_list, chunks, encode_image, encode_image
                                pad_batch)
 from ssd_client.shm import SharedMemorySlot, unique_prefix
 from ssd_train.boxes import MAX_DETECTIONS
-from ssd_train.labels import LabelMap
-from ssd_train.serving import io as sio
+from ssd_common.labels import LabelMap
+from ssd_common import io as sio
 
 DATA_DIR = Path(skimage.data.__file__).parent  # real photos shipped with scikit-image
 
@@ -45,7 +45,7 @@ def decode(data: bytes) -> np.ndarray:
 
 
 def test_the_client_does_not_import_torch():
-    code = ("import sys, ssd_client, ssd_client.cli, ssd_client.evaluate, ssd_train.draw; "
+    code = ("import sys, ssd_client, ssd_client.cli, ssd_client.evaluate, ssd_common.draw; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -882,7 +882,7 @@ def test_cli_detect_prints_and_draws_what_the_library_finds(served, tmp_path):
 def test_cli_evaluate_matches_ssd_train_evaluate(served, tmp_path):
     from ssd_client.cli import cli
     from ssd_train.cli import cli as train_cli
-    from ssd_train.coco_eval import STAT_NAMES
+    from ssd_common.coco_eval import STAT_NAMES
 
     result = run_cli(train_cli, "evaluate", "--data", served.dataset, "--checkpoint", served.checkpoint,
                      "--data-backend", "dali", "--json-summary", tmp_path / "in_process.json", "--no-channels-last")
@@ -902,7 +902,7 @@ def test_cli_evaluate_matches_ssd_train_evaluate(served, tmp_path):
 @pytest.mark.slow
 def test_cli_evaluate_leaves_out_failed_images_up_to_max_failures(served, tmp_path):
     from ssd_client.cli import cli
-    from ssd_train.coco_eval import coco_evaluate, detection_records
+    from ssd_common.coco_eval import coco_evaluate, detection_records
 
     data = tmp_path / "shapes"
     shutil.copytree(served.dataset, data)

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from ssd_train.coco_eval import STAT_NAMES, coco_evaluate, detection_records, write_summary
+from ssd_common.coco_eval import STAT_NAMES, coco_evaluate, detection_records, write_summary
 
 
 @pytest.fixture

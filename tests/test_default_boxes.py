@@ -49,6 +49,6 @@ def test_bad_order():
 
 def test_serving_input_size_is_the_box_spec_figure_size():
     """The Triton preprocess (serving.io, torch-free) and the default boxes agree on the input size."""
-    from ssd_train.serving import io
+    from ssd_common import io
 
     assert io.INPUT_SIZE == SSD300.fig_size

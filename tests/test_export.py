@@ -18,7 +18,7 @@ from ssd_train.checkpoint import load_for_inference
 from ssd_train.data.dali import Preprocessor
 from ssd_train.export import (PACKAGE_REPOSITORY, ExportError, export_model_repository, install_configs,
                               sample_batch, write_torchscript)
-from ssd_train.serving import io
+from ssd_common import io
 from ssd_train.serving.manifest import MANIFEST_FILE, ManifestError, verify_repository
 
 DATA_DIR = Path(skimage.data.__file__).parent  # real photos shipped with scikit-image

@@ -1,5 +1,5 @@
 """The model repository's configs, production (GPU) and the derived CPU flavour: they parse with
-tritonclient's model_config_pb2, use exactly the names, types and shapes of ssd_train.serving.io,
+tritonclient's model_config_pb2, use exactly the names, types and shapes of ssd_common.io,
 wire the ensemble consistently, and the two flavours agree."""
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from ssd_train.boxes import MAX_DETECTIONS, SSD300
 from ssd_train.export import PACKAGE_REPOSITORY
-from ssd_train.serving import io, served_repository
+from ssd_common import io
+from ssd_train.serving import served_repository
 from ssd_train.serving.image_check import ImageLimits
 from ssd_train.serving.served_repository import (ConfigError, derive_cpu_repository, derive_repository, model_kind,
                                                  read_config)

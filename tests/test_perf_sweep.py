@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ssd_train.serving import io
+from ssd_common import io
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "tools" / "perf_sweep.py"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ssd_train.serving import io
+from ssd_common import io
 
 # Photos bundled with scikit-image (no download needed).
 DEFAULT_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")

@@ -32,7 +32,7 @@ import perf_report  # noqa: E402
 from perf_analyzer_env import PerfAnalyzer, PerfAnalyzerSetupError, locate  # noqa: E402
 from perf_server import ServerCheckError, check_server  # noqa: E402
 
-from ssd_train.serving import io  # noqa: E402
+from ssd_common import io  # noqa: E402
 
 MODEL_CHOICES = {"fp32": io.MODEL_FP32, "fp16": io.MODEL_FP16, "ensemble": io.ENSEMBLE}
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001}

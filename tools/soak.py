@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-IMAGE = "IMAGE"  # the ensemble's input (ssd_train.serving.io.IMAGE; not imported: runs beside any server)
+IMAGE = "IMAGE"  # the ensemble's input (ssd_common.io.IMAGE; not imported: runs beside any server)
 MODEL = "ssd300"
 BAD_INPUT = ("400", "StatusCode.INVALID_ARGUMENT")
 

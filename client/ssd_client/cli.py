@@ -12,7 +12,7 @@ from ssd_client.aio import DEFAULT_CONCURRENCY
 from ssd_client.errors import SSDClientError
 from ssd_client.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_MAX_FAILURES
 from ssd_client.protocol import DEFAULT_RETRIES, DEFAULT_RETRY_BACKOFF, DEFAULT_TIMEOUT, PROTOCOLS
-from ssd_train.serving import io
+from ssd_common import io
 
 
 def user_errors(func):
@@ -94,7 +94,7 @@ def format_table(names: list[str], found) -> str:
 
 
 def write_annotated(images, found, output_dir: Path) -> None:
-    from ssd_train.draw import save_annotated  # PIL only, shared with `ssd-train predict`
+    from ssd_common.draw import save_annotated  # PIL only, shared with `ssd-train predict`
 
     for path, detections in zip(images, found):
         try:
@@ -124,7 +124,7 @@ def evaluate(data, split, url, protocol, model, timeout, shared_memory, retries,
              batch_size, json_summary, max_failures, progress):
     """COCO bbox mAP of the served model on a split (every image goes through the server)."""
     from ssd_client.evaluate import evaluate_split
-    from ssd_train.coco_eval import write_summary
+    from ssd_common.coco_eval import write_summary
 
     result = evaluate_split(data, split, url, protocol, concurrency, batch_size or DEFAULT_BATCH_SIZE, progress,
                             max_failures, model=model, timeout=timeout, shared_memory=shared_memory,

@@ -9,7 +9,7 @@ from ssd_client import protocol as wire
 from ssd_client.errors import ServerUnavailableError
 from ssd_client.images import as_image_list, chunks, encode_images, pad_batch
 from ssd_client.shm import SharedMemorySlot, unique_prefix
-from ssd_train.serving import io
+from ssd_common import io
 
 
 class SSDClient:

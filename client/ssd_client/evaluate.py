@@ -1,6 +1,6 @@
 """COCO mAP through the server: every image of a COCO-layout split goes through the served ensemble
 (concurrently, with the asyncio client) and pycocotools scores the detections, exactly as
-`ssd-train evaluate` scores the in-process model (`ssd_train.coco_eval`, shared by both).
+`ssd-train evaluate` scores the in-process model (`ssd_common.coco_eval`, shared by both).
 
 Images that fail (unreadable, rejected by the server, unanswered after the client's retries) are listed
 and left out of the score, up to `max_failures` of them. A request the server rejects (or that holds an
@@ -17,9 +17,9 @@ from tqdm import tqdm
 from ssd_client.aio import DEFAULT_CONCURRENCY, AsyncSSDClient, gather_or_cancel
 from ssd_client.errors import ServerUnavailableError, SSDClientError
 from ssd_client.images import chunks
-from ssd_train.coco_eval import coco_evaluate, detection_records
-from ssd_train.data.layout import CocoSplit, split_images
-from ssd_train.data.layout import DatasetError as LayoutError
+from ssd_common.coco_eval import coco_evaluate, detection_records
+from ssd_common.layout import CocoSplit, split_images
+from ssd_common.layout import DatasetError as LayoutError
 
 DEFAULT_BATCH_SIZE = 8  # images per request: with a few requests in flight the server batches them further
 DEFAULT_MAX_FAILURES = 10  # a few unreadable files should not end a run over thousands of images

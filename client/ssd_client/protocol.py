@@ -13,8 +13,8 @@ from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
 from ssd_client.errors import (InferenceError, ModelMismatchError, ModelNotFoundError, ServerUnavailableError,
                                SSDClientError)
-from ssd_train.labels import LabelMap, LabelMapError
-from ssd_train.serving import io
+from ssd_common.labels import LabelMap, LabelMapError
+from ssd_common import io
 
 PROTOCOLS = ("http", "grpc")
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001}
@@ -24,7 +24,7 @@ DEFAULT_RETRY_BACKOFF = 0.5  # seconds before the first retry; doubles for each 
 MAX_RETRY_BACKOFF = 10.0
 REGISTERING_SHARED_MEMORY = "registering shared memory"  # the action whose refusal gets a hint
 
-# Triton dtypes of the ensemble's tensors: one source, ssd_train.serving.io.
+# Triton dtypes of the ensemble's tensors: one source, ssd_common.io.
 INPUT_DTYPES = io.ENSEMBLE_INPUT_DTYPES
 OUTPUT_DTYPES = io.ENSEMBLE_OUTPUT_DTYPES
 

@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from ssd_train.data.layout import CocoSplit, DatasetError
+from ssd_common.layout import CocoSplit, DatasetError
 
 log = logging.getLogger(__name__)
 

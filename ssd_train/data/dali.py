@@ -22,7 +22,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dali_math
 
 from ssd_train.data import IMAGENET_MEAN, IMAGENET_STD
-from ssd_train.serving import io
+from ssd_common import io
 
 IMAGE_SIZE = io.INPUT_SIZE
 # DALI normalises uint8 pixels, hence the x255 below.

@@ -17,7 +17,7 @@ import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import from_dlpack, to_dlpack
 
 from ssd_train.data.dali import ImageDecodeError, Preprocessor
-from ssd_train.serving import io
+from ssd_common import io
 from ssd_train.serving.responses import invalid_input, server_fault
 
 

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ssd_train.serving import io
+from ssd_common import io
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "ssd300-triton-export/1"

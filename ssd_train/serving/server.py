@@ -73,15 +73,16 @@ from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
-from ssd_train.serving import image_check, io
+from ssd_common import io
+from ssd_train.serving import image_check
 from ssd_train.serving.image_check import ImageLimits
 from ssd_train.serving.manifest import ManifestError, verify_repository
 from ssd_train.serving.watchdog import remove_leftovers
-from ssd_train.serving.served_repository import CONFIG_FILE, VERSION, ConfigError, derive_repository, model_kind, \
-    read_config
+from ssd_train.serving.served_repository import (CONFIG_FILE, PACKAGE_REPOSITORY, VERSION, ConfigError,
+                                                 derive_repository, model_kind, read_config)
 
 # The project's model repository (configs and model code in git, weights from `ssd-train export`).
-DEFAULT_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
+DEFAULT_REPOSITORY = PACKAGE_REPOSITORY
 FLAVOURS = ("auto", "gpu", "cpu")
 PRODUCTION_BACKENDS = ("dali", "pytorch", "python")
 # Management APIs closed to clients unless the operator opts in: model control (load, unload, upload

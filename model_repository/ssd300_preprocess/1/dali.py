@@ -9,7 +9,7 @@ from nvidia.dali import pipeline_def
 from nvidia.dali.plugin.triton import autoserialize
 
 from ssd_train.data.dali import inference_graph
-from ssd_train.serving.io import MAX_BATCH_SIZE
+from ssd_common.io import MAX_BATCH_SIZE
 
 
 @autoserialize

@@ -10,7 +10,7 @@ import json
 
 import triton_python_backend_utils as pb_utils
 
-from ssd_train.serving import io
+from ssd_common import io
 from ssd_train.serving.image_check import ImageLimits, ImageRejected, check_request
 from ssd_train.serving.responses import invalid_input, server_fault
 
