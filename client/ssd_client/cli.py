@@ -28,7 +28,8 @@ def user_errors(func):
 
 def server_options(func):
     options = [
-        click.option("--url", default=None, help="Server host:port [default: localhost:8000 (http), :8001 (grpc)]."),
+        click.option("--url", default=None, help="Server host:port [default: localhost:8000 (http), :8001 (grpc)]; "
+                     "several, separated by commas, share the requests (a:8001,b:8001)."),
         click.option("--protocol", type=click.Choice(PROTOCOLS), default="http", show_default=True),
         click.option("--model", default=io.ENSEMBLE, show_default=True, help="Served model to call."),
         click.option("--timeout", default=DEFAULT_TIMEOUT, show_default=True, help="Seconds per request."),
@@ -65,10 +66,10 @@ def cli():
 def detect(images, url, protocol, model, timeout, shared_memory, retries, retry_backoff, threshold, labels,
            json_lines, output_dir, batch_size):
     """Detect objects in IMAGES (files) through the server."""
-    from ssd_client.client import SSDClient
+    from ssd_client.balance import open_client
 
-    with SSDClient(url, protocol, model, timeout, labels, batch_size, shared_memory, retries,
-                   retry_backoff) as client:
+    with open_client(url, protocol=protocol, model=model, timeout=timeout, label_map=labels, batch_size=batch_size,
+                     shared_memory=shared_memory, retries=retries, retry_backoff=retry_backoff) as client:
         found = client.detect([str(path) for path in images], threshold)
     if json_lines:
         for path, detections in zip(images, found):

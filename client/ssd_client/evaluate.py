@@ -15,6 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ssd_client.aio import DEFAULT_CONCURRENCY, AsyncSSDClient, gather_or_cancel
+from ssd_client.balance import open_async_client
 from ssd_client.errors import ServerUnavailableError, SSDClientError
 from ssd_client.images import chunks
 from ssd_common.coco_eval import coco_evaluate, detection_records
@@ -93,7 +94,7 @@ async def evaluate_split_async(data, split: str = "val2017", batch_size: int = D
                                progress: bool = True, max_failures: int = DEFAULT_MAX_FAILURES,
                                **client_options) -> dict:
     split_images = load_split(data, split)
-    async with AsyncSSDClient(batch_size=batch_size, **client_options) as client:
+    async with open_async_client(batch_size=batch_size, **client_options) as client:
         records, failures = await collect_records(client, split_images.images, client.batch_size, progress,
                                                   max_failures)
     failed = {failure["image_id"] for failure in failures}
