@@ -11,9 +11,7 @@ otherwise, and resume without the checks.
 from __future__ import annotations
 
 import logging
-import os
 import random
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import numpy as np
 import torch
 
 from ssd_common.labels import LabelMap, LabelMapError
+from ssd_train.files import atomic_write
 from ssd_train.model import BACKBONES, SSD300, build_model
 
 log = logging.getLogger(__name__)
@@ -37,19 +36,10 @@ def save_checkpoint(path: str | Path, state: dict) -> Path:
     """Write `state` to `path` atomically: a crash leaves the previous file (or none), never half of one."""
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with atomic_write(path) as f:
+            torch.save({"format": FORMAT, **state}, f)
     except OSError as err:
         raise CheckpointError(f"cannot write checkpoint to {path.parent}: {err.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

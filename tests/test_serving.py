@@ -36,7 +36,7 @@ from ssd_train.serving.manifest import MANIFEST_FILE, write_manifest
 from ssd_train.serving.server import ADMIN_KEY_HEADER, ServeError, TritonServer, production_server
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from soak import PeakMemory, oversized_image, process_tree, tree_rss  # noqa: E402
+from soak import PeakMemory, listening_sockets, oversized_image, process_tree, tree_rss  # noqa: E402
 
 DATA_DIR = Path(skimage.data.__file__).parent  # real photos shipped with scikit-image
 CORRUPT = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(range(256)) * 8  # a JPEG header, then noise
@@ -103,22 +103,8 @@ def free_port() -> int:
 
 
 def listening_addresses(port: int) -> set[str]:
-    """IPv4/IPv6 addresses listening on `port` (from /proc/net/tcp*)."""
-    addresses = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            local, state = line.split()[1], line.split()[3]
-            address, hex_port = local.split(":")
-            if state == "0A" and int(hex_port, 16) == port:  # 0A = LISTEN
-                raw = bytes.fromhex(address)  # 32-bit words in host (little-endian) order
-                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
-                text = socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
-                addresses.add(text.removeprefix("::ffff:"))  # IPv4-mapped IPv6
-    return addresses
+    """IPv4/IPv6 addresses listening on `port`."""
+    return {address for address, _ in listening_sockets(port)}
 
 
 def ssd_serve_command() -> list[str]:

@@ -45,9 +45,9 @@ BAD_INPUT = ("400", "StatusCode.INVALID_ARGUMENT")
 # Server memory from /proc
 
 
-def listening_pid(port: int) -> int | None:
-    """The pid of the local process listening on TCP `port`, if this user can see it."""
-    inodes = set()
+def listening_sockets(port: int) -> list[tuple[str, str]]:
+    """(address, socket inode) of each local TCP socket listening on `port`, from /proc/net/tcp*."""
+    found = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             lines = Path(table).read_text().splitlines()[1:]
@@ -55,8 +55,18 @@ def listening_pid(port: int) -> int | None:
             continue
         for line in lines:
             fields = line.split()
-            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A = LISTEN
-                inodes.add(fields[9])
+            address, hex_port = fields[1].split(":")
+            if fields[3] == "0A" and int(hex_port, 16) == port:  # 0A = LISTEN
+                raw = bytes.fromhex(address)  # 32-bit words in host (little-endian) order
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                text = socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
+                found.append((text.removeprefix("::ffff:"), fields[9]))  # IPv4-mapped IPv6 as IPv4
+    return found
+
+
+def listening_pid(port: int) -> int | None:
+    """The pid of the local process listening on TCP `port`, if this user can see it."""
+    inodes = {inode for _, inode in listening_sockets(port)}
     for fd_dir in Path("/proc").glob("[0-9]*/fd"):
         try:
             for fd in fd_dir.iterdir():

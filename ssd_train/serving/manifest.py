@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
 from ssd_common import io
+from ssd_train.files import atomic_write
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "ssd300-triton-export/1"
@@ -56,16 +55,8 @@ def write_manifest(repository: Path, files: list[Path], **details) -> Path:
     manifest = {"format": FORMAT, "written_by": "ssd-train export",
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **details, "files": entries}
     target = repository / MANIFEST_FILE
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_FILE}.", suffix=".tmp", dir=repository)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(manifest, indent=1) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(target, "w") as f:
+        f.write(json.dumps(manifest, indent=1) + "\n")
     return target
 
 
