@@ -80,7 +80,7 @@ def make_dataset():
 @click.option("--val", "val_count", default=50, show_default=True, help="Validation images.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--style", type=click.Choice(["default", "demo"]), default="default", show_default=True,
-              help="demo: 300x300 images, plain backgrounds, objects of 70-140 px and one colour family per "
+              help="demo: 300x300 images, plain backgrounds, objects of 55-165 px and one colour family per "
                    "shape -- learnable from scratch in minutes on a CPU (make demo's dataset).")
 @user_errors
 def make_shapes(out, train_count, val_count, seed, style):

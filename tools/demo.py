@@ -1,7 +1,7 @@
-"""`make demo`: the whole trip on a CPU in about 15 minutes -- generate a toy dataset, train SSD300
-(ResNet-18 backbone) on it, evaluate, predict, export to a Triton model repository, serve it with a
-real tritonserver and query it with ssd-client. Every step is a command a user can run; they are
-printed before they run."""
+"""`make demo`: the whole trip on a CPU in about 12 minutes -- generate a toy dataset, train SSD300
+(ResNet-18 backbone, from scratch) on it until it finds the shapes, evaluate, predict, export to a
+Triton model repository, serve it with a real tritonserver and query it with ssd-client. Every step
+is a command a user can run; they are printed before they run."""
 
 from __future__ import annotations
 
@@ -14,11 +14,18 @@ import time
 from pathlib import Path
 
 # Sized for about 7 minutes of training on 2 idle CPU cores. A from-scratch backbone (no ImageNet
-# weights offline) learns slowly: expect a low mAP here; raise --epochs (and train on a GPU) for more.
-# Short and small-batch, hence a high learning rate, no augmentation and --precise-bn.
-TRAIN_IMAGES, VAL_IMAGES = 160, 40
-FIT_OPTIONS = ["--backbone", "resnet18", "--no-pretrained-backbone", "--epochs", "10", "--bs", "8", "--lr", "0.04",
-               "--warmup", "20", "--multistep", "8", "--evaluation", "9", "--no-augment", "--precise-bn", "10",
+# weights offline) learns slowly, so the demo trains on the `demo` style of the shapes dataset: 300x300
+# images (no resizing), plain backgrounds, objects of the sizes SSD300's default boxes cover best and one
+# colour family per shape. Measured on 2 CPU cores: val mAP 0.61 after 2 epochs, 0.74 after 4, 0.87
+# after 5 (the default style got ~0.003 from the same budget; random colours instead of the colour
+# families 0.18 after 2 and 0.67 after 5). 160 images for 12 epochs (the same number of steps) reached
+# the same 0.86: with no augmentation, 400 distinct images repeated 5 times are the safer choice. Short
+# and small-batch, hence a high learning rate after a short warmup, one x0.1 drop for the last epoch,
+# no augmentation and --precise-bn. Evaluating after epochs 2-5 (a few seconds each) logs the curve.
+TRAIN_IMAGES, VAL_IMAGES = 400, 50
+DATASET_OPTIONS = ["--style", "demo"]
+FIT_OPTIONS = ["--backbone", "resnet18", "--no-pretrained-backbone", "--epochs", "5", "--bs", "8", "--lr", "0.08",
+               "--warmup", "30", "--multistep", "4", "--evaluation", "1,2,3,4", "--no-augment", "--precise-bn", "10",
                "--num-workers", "2"]
 
 
@@ -46,7 +53,8 @@ def main(out: Path) -> None:
     started = time.perf_counter()
     fresh_output_dir(out)
     data, save, repo = out / "shapes", out / "run", out / "model_repository"
-    run("ssd-train", "make-dataset", "shapes", str(data), "--train", str(TRAIN_IMAGES), "--val", str(VAL_IMAGES))
+    run("ssd-train", "make-dataset", "shapes", str(data), "--train", str(TRAIN_IMAGES), "--val", str(VAL_IMAGES),
+        *DATASET_OPTIONS)
     run("ssd-train", "fit", "--data", str(data), "--save", str(save), "--json-summary", str(out / "fit.json"),
         *FIT_OPTIONS)
     checkpoint = json.loads((out / "fit.json").read_text())["checkpoint"]
@@ -68,14 +76,16 @@ def main(out: Path) -> None:
         run("ssd-client", "evaluate", "--data", str(data), "--url", server.grpc_url, "--protocol", "grpc",
             "--json-summary", str(out / "served_evaluate.json"))
 
-    losses = [json.loads(line)["loss"] for line in (save / "metrics.jsonl").read_text().splitlines()
-              if json.loads(line)["event"] == "epoch"]
+    events = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    losses = [e["loss"] for e in events if e["event"] == "epoch"]
+    train_minutes = sum(e["seconds"] for e in events if e["event"] == "epoch") / 60
+    curve = ", ".join(f"{e['epoch'] + 1}: {e['mAP']:.2f}" for e in events if e["event"] == "eval")
     in_process = json.loads((out / "evaluate.json").read_text())["mAP"]
     served = json.loads((out / "served_evaluate.json").read_text())["mAP"]
     minutes = (time.perf_counter() - started) / 60
     print(f"\ndemo done in {minutes:.1f} min: trained SSD300 (ResNet-18, random init) on {TRAIN_IMAGES} generated "
-          f"images for {len(losses)} epochs (loss {losses[0]:.2f} -> {losses[-1]:.2f}); val mAP {in_process:.3f} "
-          f"in process, {served:.3f} through Triton (minutes of CPU training from scratch: expect a low mAP). "
+          f"images for {len(losses)} epochs in {train_minutes:.1f} min (loss {losses[0]:.2f} -> {losses[-1]:.2f}; "
+          f"val mAP after epochs {curve}); val mAP {in_process:.3f} in process, {served:.3f} through Triton. "
           f"Outputs in {out}/ (predictions/ and served/ hold annotated images).")
 
 

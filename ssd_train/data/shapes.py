@@ -6,9 +6,9 @@ label-map path is always exercised. The default style is the dataset of the test
 
 `style="demo"` is the dataset of `make demo`, made to be learnt from scratch in minutes on a CPU:
 300x300 images (SSD300's input size: nothing is resized or distorted), plain grey backgrounds, 2-4
-objects per image sized 70-140 px (the sizes SSD300's default boxes cover best) and one colour family
-per shape (circles red, rectangles green, triangles blue, each with jitter), so the network can tell
-the classes apart early and spend its few steps on finding and fitting the boxes.
+separate objects per image, 55-165 px wide and high (the sizes SSD300's default boxes cover best) and
+one colour family per shape (circles red, rectangles green, triangles blue, each with jitter), so the
+network tells the classes apart early and spends its few steps on finding and fitting the boxes.
 """
 
 from __future__ import annotations
