@@ -30,9 +30,9 @@ def user_errors(func):
     """Turn the library's input errors into one-line click errors (no traceback)."""
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        from ssd_common.labels import LabelMapError
         from ssd_train.checkpoint import CheckpointError
         from ssd_train.data.coco import DatasetError
-        from ssd_common.labels import LabelMapError
         from ssd_train.model import BackboneError
 
         errors = [CheckpointError, DatasetError, LabelMapError, BackboneError, FileNotFoundError]
@@ -196,8 +196,8 @@ def fit(**options):
 def evaluate(data, checkpoint, split, backbone, eval_batch_size, num_workers, json_summary, device,
              data_backend, amp, tf32, channels_last):
     """COCO bbox mAP of a checkpoint on a split."""
-    from ssd_train.checkpoint import load_for_inference
     from ssd_common.coco_eval import write_summary
+    from ssd_train.checkpoint import load_for_inference
     from ssd_train.data.loaders import build_eval_loader, default_backend
     from ssd_train.evaluate import evaluate_model
     from ssd_train.train import pick_device, set_math_modes
@@ -245,8 +245,8 @@ def torch_channels_last():
 @user_errors
 def predict(images, checkpoint, backbone, threshold, output_dir, batch_size, device, amp):
     """Detect objects in IMAGES; prints one JSON line per detection."""
-    from ssd_train.data.dali import ImageDecodeError
     from ssd_common.draw import save_annotated
+    from ssd_train.data.dali import ImageDecodeError
     from ssd_train.predict import Predictor
     from ssd_train.train import pick_device
 

@@ -8,8 +8,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ssd_common.coco_eval import coco_evaluate, detection_records
-from ssd_train.inference import category_lookup, detect
 from ssd_common.labels import LabelMap
+from ssd_train.inference import category_lookup, detect
 
 
 @torch.no_grad()

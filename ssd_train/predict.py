@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from ssd_common.labels import LabelMap
 from ssd_train.checkpoint import load_for_inference
 from ssd_train.inference import category_lookup, detect
-from ssd_common.labels import LabelMap
 
 
 class Predictor:

@@ -29,8 +29,8 @@ def shapes_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory, shapes_dir) -> Path:
     """An untrained resnet18 SSD300 checkpoint for the shapes label map, in our format."""
-    from ssd_train.checkpoint import save_checkpoint
     from ssd_common.labels import LabelMap
+    from ssd_train.checkpoint import save_checkpoint
     from ssd_train.model import build_model
     import json
 

@@ -32,9 +32,9 @@ from ssd_client import protocol as wire
 from ssd_client.images import (as_image_list, chunks, encode_image, encode_images, EncodedImage, image_name,
                                pad_batch)
 from ssd_client.shm import SharedMemorySlot, unique_prefix
-from ssd_train.boxes import MAX_DETECTIONS
-from ssd_common.labels import LabelMap
 from ssd_common import io as sio
+from ssd_common.labels import LabelMap
+from ssd_train.boxes import MAX_DETECTIONS
 
 DATA_DIR = Path(skimage.data.__file__).parent  # real photos shipped with scikit-image
 
@@ -881,8 +881,8 @@ def test_cli_detect_prints_and_draws_what_the_library_finds(served, tmp_path):
 @pytest.mark.slow
 def test_cli_evaluate_matches_ssd_train_evaluate(served, tmp_path):
     from ssd_client.cli import cli
-    from ssd_train.cli import cli as train_cli
     from ssd_common.coco_eval import STAT_NAMES
+    from ssd_train.cli import cli as train_cli
 
     result = run_cli(train_cli, "evaluate", "--data", served.dataset, "--checkpoint", served.checkpoint,
                      "--data-backend", "dali", "--json-summary", tmp_path / "in_process.json", "--no-channels-last")

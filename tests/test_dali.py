@@ -10,9 +10,9 @@ import skimage.data
 import torch
 from PIL import Image
 
+from ssd_common import io as sio
 from ssd_train.data import dali
 from ssd_train.data.dali import ImageDecodeError, Preprocessor
-from ssd_common import io as sio
 
 PHOTOS = ("astronaut", "chelsea", "coffee")
 
@@ -201,8 +201,8 @@ def coco_targets(root, split="train2017"):
     """Targets computed the textbook way: annotation file -> LabelMap -> boxes.match/encode."""
     import json
 
-    from ssd_train.boxes import encode, match
     from ssd_common.labels import LabelMap
+    from ssd_train.boxes import encode, match
 
     data = json.loads((root / "annotations" / f"instances_{split}.json").read_text())
     label_of = LabelMap.from_coco_categories(data["categories"]).label_of()
@@ -287,8 +287,8 @@ def test_train_loader_sharding_keeps_batch_counts_equal(dataset):
 
 
 def test_train_loader_checks_label_map_and_size(dataset):
-    from ssd_train.data.coco import DatasetError
     from ssd_common.labels import LabelMap
+    from ssd_train.data.coco import DatasetError
 
     with pytest.raises(DatasetError, match="label map mismatch"):
         dali.build_train_loader(dataset, batch_size=BATCH, label_map=LabelMap.coco())
@@ -391,8 +391,8 @@ AUTOSERIALIZED_MODEL = '''
 from nvidia.dali import pipeline_def
 from nvidia.dali.plugin.triton import autoserialize
 
-from ssd_train.data.dali import inference_graph
 from ssd_common.io import MAX_BATCH_SIZE
+from ssd_train.data.dali import inference_graph
 
 
 @autoserialize

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
+from ssd_common import io
 from ssd_train.boxes import MAX_DETECTIONS, SSD300
 from ssd_train.export import PACKAGE_REPOSITORY
-from ssd_common import io
 from ssd_train.serving import served_repository
 from ssd_train.serving.image_check import ImageLimits
-from ssd_train.serving.served_repository import (ConfigError, derive_cpu_repository, derive_repository, model_kind,
+from ssd_train.serving.served_repository import (ConfigError, derive_repository, model_kind,
                                                  read_config)
 
 BOXES = SSD300.num_boxes
@@ -79,7 +79,7 @@ def cpu(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cpu_flavour")
     production = fake_export(tmp)
     target = tmp / "cpu"
-    names = derive_cpu_repository(production, target)
+    names = derive_repository(production, target, "cpu")
     return production, target, names, configs(target)
 
 
@@ -229,7 +229,7 @@ def test_cpu_flavour_reuses_production_code_and_weights(cpu):
 
 def test_cpu_flavour_leaves_out_models_without_weights(tmp_path):
     production = fake_export(tmp_path, precisions=("fp32",))
-    names = derive_cpu_repository(production, tmp_path / "cpu")
+    names = derive_repository(production, tmp_path / "cpu", "cpu")
     assert names == [io.VALIDATE, io.PREPROCESS, io.MODEL_FP32, io.POSTPROCESS, io.ENSEMBLE]
     assert not (tmp_path / "cpu" / io.MODEL_FP16).exists()
 

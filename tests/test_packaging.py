@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -78,9 +79,14 @@ def test_the_client_installs_alone_without_torch_and_detects(served, tmp_path):
 
 @pytest.mark.slow
 def test_the_toolkit_works_from_wheels(tiny_checkpoint, tmp_path):
+    # Built from a copy: setuptools builds in the source tree (build/), where a stale file would end up
+    # in the wheel and the checkout would keep the leftovers.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv*", "build", "*.egg-info", "__pycache__",
+                                                                 "demo_run", "runs", "perf_results"))
     wheels = tmp_path / "wheels"
     run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", wheels,
-        ROOT / "client", ROOT)
+        source / "client", source)
     python = make_venv(tmp_path / "wheel-venv", borrow_site_packages=True)
     run(python, "-m", "pip", "install", "--quiet", "--no-deps", *sorted(wheels.glob("*.whl")))
     env = venv_env(python)

@@ -30,8 +30,8 @@ import tritonclient.http as httpclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from ssd_train.export import export_model_repository, install_configs
 from ssd_common import io
+from ssd_train.export import export_model_repository, install_configs
 from ssd_train.serving.manifest import MANIFEST_FILE, write_manifest
 from ssd_train.serving.server import ADMIN_KEY_HEADER, ServeError, TritonServer, production_server
 

@@ -36,8 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-IMAGE = "IMAGE"  # the ensemble's input (ssd_common.io.IMAGE; not imported: runs beside any server)
-MODEL = "ssd300"
+from ssd_common import io  # the client distribution's names: the tool needs only ssd300-client
+
 BAD_INPUT = ("400", "StatusCode.INVALID_ARGUMENT")
 
 
@@ -198,9 +198,9 @@ def _client(protocol: str, url: str):
 
 
 def _send(tc, client, image: bytes):
-    tensor = tc.InferInput(IMAGE, [1, len(image)], "UINT8")
+    tensor = tc.InferInput(io.IMAGE, [1, len(image)], io.ENSEMBLE_INPUT_DTYPES[io.IMAGE])
     tensor.set_data_from_numpy(np.frombuffer(image, np.uint8)[None])
-    return client.infer(MODEL, [tensor])
+    return client.infer(io.ENSEMBLE, [tensor])
 
 
 def run_client(protocol: str, url: str, schedule: list[tuple[str, bytes]], tally: Tally) -> None:

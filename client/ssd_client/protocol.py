@@ -13,8 +13,8 @@ from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
 from ssd_client.errors import (InferenceError, ModelMismatchError, ModelNotFoundError, ServerUnavailableError,
                                SSDClientError)
-from ssd_common.labels import LabelMap, LabelMapError
 from ssd_common import io
+from ssd_common.labels import LabelMap, LabelMapError
 
 PROTOCOLS = ("http", "grpc")
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001}

@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ssd_train.data.annotations import check_image_files, read_boxes
-from ssd_common.layout import CocoSplit, DatasetError, load_annotations, split_images
 from ssd_common.labels import LabelMap, LabelMapError
+from ssd_common.layout import CocoSplit, DatasetError, load_annotations, split_images
+from ssd_train.data.annotations import check_image_files, read_boxes
 
 __all__ = ["CocoDetection", "CocoImages", "CocoSplit", "DatasetError", "dataset_label_map", "load_annotations"]
 

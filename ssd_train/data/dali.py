@@ -21,8 +21,8 @@ import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dali_math
 
-from ssd_train.data import IMAGENET_MEAN, IMAGENET_STD
 from ssd_common import io
+from ssd_train.data import IMAGENET_MEAN, IMAGENET_STD
 
 IMAGE_SIZE = io.INPUT_SIZE
 # DALI normalises uint8 pixels, hence the x255 below.

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from ssd_common.labels import LabelMap
 from ssd_train.data.annotations import SplitBoxes, check_enough_images
 from ssd_train.data.coco import CocoDetection, CocoImages
 from ssd_train.data.transforms import TrainTransform, to_model_input
-from ssd_common.labels import LabelMap
 
 BACKENDS = ("dali", "pytorch")
 

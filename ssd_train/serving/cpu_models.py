@@ -2,7 +2,7 @@
 the python backend): the DALI preprocess and the TorchScript SSD300. They run the same artifacts:
 `ssd_train.data.dali`'s inference graph on CPU, and the exported `model.pt` on CPU.
 
-`cpu_flavour.py` generates each derived model's `1/model.py` as one import of a class here. This
+`served_repository.py` generates each derived model's `1/model.py` as one import of a class here. This
 module imports `triton_python_backend_utils`, so it only imports inside a Triton python stub.
 """
 
@@ -16,8 +16,8 @@ import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import from_dlpack, to_dlpack
 
-from ssd_train.data.dali import ImageDecodeError, Preprocessor
 from ssd_common import io
+from ssd_train.data.dali import ImageDecodeError, Preprocessor
 from ssd_train.serving.responses import invalid_input, server_fault
 
 

@@ -143,7 +143,7 @@ def _inspect_png(data: bytes) -> ImageInfo:
         end = pos + 12 + length
         if end > len(data):
             raise ImageRejected("cannot decode image: truncated PNG")
-        body = data[pos + 4:pos + 8 + length]  # chunk type + data: what the CRC covers
+        body = memoryview(data)[pos + 4:pos + 8 + length]  # chunk type + data (what the CRC covers), uncopied
         if zlib.crc32(body) != struct.unpack_from(">I", data, pos + 8 + length)[0]:
             raise ImageRejected(f"cannot decode image: corrupt PNG (bad CRC in its {kind.decode('latin-1')} chunk)")
         if width is None:

@@ -67,7 +67,7 @@ def model_kind(config: model_config_pb2.ModelConfig) -> str:
     return config.platform or config.backend
 
 
-FLAVOURS = ("gpu", "cpu")
+DERIVED_FLAVOURS = ("gpu", "cpu")
 
 
 def derive_repository(production: Path, target: Path, flavour: str, models=io.MODELS,
@@ -75,8 +75,8 @@ def derive_repository(production: Path, target: Path, flavour: str, models=io.MO
     """Write the `flavour` ("gpu" or "cpu") repository of `production` into `target` (an empty or
     absent directory); returns the names of the models it holds, the ensemble last. `parameters`:
     {model name: {key: value}} set in those models' configs."""
-    if flavour not in FLAVOURS:
-        raise ValueError(f"flavour must be one of {FLAVOURS}, not {flavour!r}")
+    if flavour not in DERIVED_FLAVOURS:
+        raise ValueError(f"flavour must be one of {DERIVED_FLAVOURS}, not {flavour!r}")
     production, target = Path(production).resolve(), Path(target)
     parameters = parameters or {}
     derived = []
@@ -108,10 +108,6 @@ def derive_repository(production: Path, target: Path, flavour: str, models=io.MO
         derived.append(name)
     derived.sort(key=lambda n: n == io.ENSEMBLE)
     return derived
-
-
-def derive_cpu_repository(production: Path, target: Path, models=io.MODELS, parameters=None) -> list[str]:
-    return derive_repository(production, target, "cpu", models, parameters)
 
 
 def _as_python_model(config, kind: str, version: Path, source_version: Path) -> None:

@@ -77,9 +77,9 @@ from ssd_common import io
 from ssd_train.serving import image_check
 from ssd_train.serving.image_check import ImageLimits
 from ssd_train.serving.manifest import ManifestError, verify_repository
-from ssd_train.serving.watchdog import remove_leftovers
 from ssd_train.serving.served_repository import (CONFIG_FILE, PACKAGE_REPOSITORY, VERSION, ConfigError,
                                                  derive_repository, model_kind, read_config)
+from ssd_train.serving.watchdog import remove_leftovers
 
 # The project's model repository (configs and model code in git, weights from `ssd-train export`).
 DEFAULT_REPOSITORY = PACKAGE_REPOSITORY
@@ -293,7 +293,7 @@ class TritonServer:
             f"--metrics-address={self.host}", f"--metrics-port={self.ports['metrics']}",
             f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
         ]
-        if _supports_option(binary, "--http-max-input-size", env):  # Triton 2.55+: refuse bigger bodies unread
+        if _supports_option(binary, "--http-max-input-size", env):  # newer Tritons: refuse bigger bodies unread
             command.append(f"--http-max-input-size={self.image_limits.max_request_bytes + 2**20}")
         command += self.extra_args
         if self.flavour == "cpu":
@@ -381,7 +381,7 @@ def check_weights(repository: Path, flavour: str) -> None:
     try:
         ensemble = read_config(repository / io.ENSEMBLE / CONFIG_FILE)
         steps = [step.model_name for step in ensemble.ensemble_scheduling.step]
-        if flavour == "cpu":  # the CPU flavour's ensemble runs fp32 (cpu_flavour.py)
+        if flavour == "cpu":  # the CPU flavour's ensemble runs fp32 (served_repository.py)
             steps = [io.MODEL_FP32 if s in (io.MODEL_FP32, io.MODEL_FP16) else s for s in steps]
         needed = [(io.POSTPROCESS, io.LABELS_FILE)]
         for step in steps:

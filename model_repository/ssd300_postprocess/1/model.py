@@ -14,10 +14,10 @@ import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import from_dlpack, to_dlpack
 
+from ssd_common import io
+from ssd_common.labels import LabelMap
 from ssd_train.boxes import postprocess
 from ssd_train.inference import category_lookup, scale_to_pixels
-from ssd_common.labels import LabelMap
-from ssd_common import io
 from ssd_train.serving.responses import server_fault
 
 

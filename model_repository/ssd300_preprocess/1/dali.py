@@ -8,8 +8,8 @@ this file for marked functions and wants exactly one.
 from nvidia.dali import pipeline_def
 from nvidia.dali.plugin.triton import autoserialize
 
-from ssd_train.data.dali import inference_graph
 from ssd_common.io import MAX_BATCH_SIZE
+from ssd_train.data.dali import inference_graph
 
 
 @autoserialize
