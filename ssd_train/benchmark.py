@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from ssd_train.boxes import SSD300, encode, match, postprocess
+from ssd_train.models.ssd300.boxes import SSD300, encode, match, postprocess
 from ssd_train.data import IMAGENET_MEAN, IMAGENET_STD
 from ssd_train.inference import autocast
-from ssd_train.loss import SSDLoss
-from ssd_train.model import build_model
+from ssd_train.models.ssd300.loss import SSDLoss
+from ssd_train.models.ssd300.model import build_model
 from ssd_train.train import make_grad_scaler, parameter_groups, set_math_modes, train_step
 
 

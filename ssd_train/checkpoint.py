@@ -1,7 +1,7 @@
 """Checkpoints: atomic save, safe (`weights_only`) load, and NVIDIA DeepLearningExamples compatibility.
 
 Format (NVIDIA's keys plus ours): {epoch, iteration, optimizer, scheduler, label_map, model} where
-`label_map` is NVIDIA's {label: name}; we add `categories` (label order, with dataset ids), `backbone`,
+`label_map` is NVIDIA's {label: name}; we add `detector`, `categories` (label order, with dataset ids), `backbone`,
 `scaler` (AMP), `settings` (the run's settings and dataset size, which a resumed run is checked
 against), `random` (the random number generators' states) and `format`. NVIDIA checkpoints, and ours
 from before, lack some of the additions: they load as ResNet-50 with the COCO label map unless told
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import random
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +19,11 @@ import torch
 
 from ssd_common.labels import LabelMap, LabelMapError
 from ssd_train.files import atomic_write
-from ssd_train.model import BACKBONES, SSD300, build_model
 
 log = logging.getLogger(__name__)
 
 FORMAT = "ssd300-triton/1"
-DEFAULT_BACKBONE = "resnet50"
+DETECTORS = ("ssd300", "maskrcnn")
 
 
 class CheckpointError(ValueError):
@@ -44,9 +42,9 @@ def save_checkpoint(path: str | Path, state: dict) -> Path:
 
 
 def training_state(*, epoch: int, iteration: int, model, optimizer, scheduler, scaler, label_map: LabelMap,
-                   backbone: str, settings: dict) -> dict:
+                   backbone: str, settings: dict, detector: str = "ssd300", **extra) -> dict:
     """What a training checkpoint holds; `epoch` = number of finished epochs, `settings` the run's
-    (plain JSON types: `weights_only` loading takes nothing else)."""
+    (plain JSON types: `weights_only` loading takes nothing else); `extra`: what the detector adds."""
     return {
         "epoch": epoch,
         "iteration": iteration,
@@ -59,6 +57,8 @@ def training_state(*, epoch: int, iteration: int, model, optimizer, scheduler, s
         "backbone": backbone,
         "settings": settings,
         "random": random_states(),
+        "detector": detector,
+        **extra,
     }
 
 
@@ -125,27 +125,6 @@ def checkpoint_label_map(state: dict) -> LabelMap:
     return LabelMap.coco()
 
 
-def checkpoint_backbone(state: dict, override: str | None = None) -> str:
-    if override is not None:
-        return override
-    backbone = state.get("backbone")
-    if backbone is None:
-        return DEFAULT_BACKBONE
-    if backbone not in BACKBONES:
-        raise CheckpointError(f"checkpoint names an unknown backbone {backbone!r}")
-    return backbone
-
-
-def model_from_state(state: dict, backbone: str | None = None, path: str | Path = "checkpoint"
-                     ) -> tuple[SSD300, LabelMap, str]:
-    """Build the SSD300 a checkpoint describes and load its weights (strictly)."""
-    label_map = checkpoint_label_map(state)
-    backbone = checkpoint_backbone(state, backbone)
-    model = build_model(backbone, num_classes=label_map.num_classes)
-    load_model_weights(model, state["model"], f"{path} (backbone {backbone}, {label_map.num_classes} classes)")
-    return model, label_map, backbone
-
-
 def load_model_weights(model: torch.nn.Module, weights: dict, what: str) -> None:
     expected = model.state_dict()
     missing = [k for k in expected if k not in weights]
@@ -160,13 +139,10 @@ def load_model_weights(model: torch.nn.Module, weights: dict, what: str) -> None
     model.load_state_dict(weights)
 
 
-def load_for_inference(path: str | Path, backbone: str | None = None, map_location="cpu"
-                       ) -> tuple[SSD300, LabelMap, dict]:
-    """The eval-mode model of a checkpoint, its label map and {backbone, epoch, format}."""
-    state = load_checkpoint(path, map_location)
-    if "backbone" not in state and backbone is None:
-        warnings.warn(f"{path} does not record its backbone: assuming {DEFAULT_BACKBONE} (pass --backbone)",
-                      stacklevel=2)
-    model, label_map, backbone = model_from_state(state, backbone, path)
-    info = {"backbone": backbone, "epoch": state.get("epoch"), "format": state.get("format", "nvidia")}
-    return model.eval(), label_map, info
+def checkpoint_detector(state: dict) -> str:
+    """Which detector a checkpoint holds (`detector`; NVIDIA's SSD checkpoints and ours from before
+    it was recorded are SSD300's)."""
+    detector = state.get("detector", "ssd300")
+    if detector not in DETECTORS:
+        raise CheckpointError(f"checkpoint holds an unknown detector {detector!r} (known: {', '.join(DETECTORS)})")
+    return detector

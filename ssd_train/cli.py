@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from ssd_train.model import BACKBONES
+from ssd_train.models.ssd300.model import BACKBONES
 from ssd_train.train import FitConfig
 
 EPOCH_LIST = "comma-separated epoch indices (0-based)"
@@ -33,7 +33,7 @@ def user_errors(func):
         from ssd_common.labels import LabelMapError
         from ssd_train.checkpoint import CheckpointError
         from ssd_train.data.coco import DatasetError
-        from ssd_train.model import BackboneError
+        from ssd_train.models.ssd300.model import BackboneError
 
         errors = [CheckpointError, DatasetError, LabelMapError, BackboneError, FileNotFoundError]
         try:
@@ -197,7 +197,7 @@ def evaluate(data, checkpoint, split, backbone, eval_batch_size, num_workers, js
              data_backend, amp, tf32, channels_last):
     """COCO bbox mAP of a checkpoint on a split."""
     from ssd_common.coco_eval import write_summary
-    from ssd_train.checkpoint import load_for_inference
+    from ssd_train.models.ssd300.checkpoint import load_for_inference
     from ssd_train.data.loaders import build_eval_loader, default_backend
     from ssd_train.evaluate import evaluate_model
     from ssd_train.train import pick_device, set_math_modes

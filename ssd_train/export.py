@@ -117,7 +117,7 @@ def _check_precisions(precisions: Iterable[str]) -> tuple[str, ...]:
 
 
 def _load(checkpoint, backbone):
-    from ssd_train.checkpoint import load_for_inference
+    from ssd_train.models.ssd300.checkpoint import load_for_inference
 
     try:
         model, label_map, _ = load_for_inference(checkpoint, backbone=backbone, map_location="cpu")

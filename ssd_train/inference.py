@@ -8,7 +8,7 @@ import contextlib
 import torch
 
 from ssd_common.labels import LabelMap
-from ssd_train.boxes import Detections, postprocess
+from ssd_train.models.ssd300.boxes import Detections, postprocess
 
 
 def autocast(device: torch.device | str, enabled: bool):

@@ -1,12 +1,12 @@
 """`ssd-train predict`: encoded images -> detections, through the same DALI preprocessing as the
-served model (ssd_train.data.dali.Preprocessor) and the same decode/NMS (ssd_train.boxes)."""
+served model (ssd_train.data.dali.Preprocessor) and the same decode/NMS (ssd_train.models.ssd300.boxes)."""
 
 from __future__ import annotations
 
 import torch
 
 from ssd_common.labels import LabelMap
-from ssd_train.checkpoint import load_for_inference
+from ssd_train.models.ssd300.checkpoint import load_for_inference
 from ssd_train.inference import category_lookup, detect
 
 

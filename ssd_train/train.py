@@ -19,8 +19,9 @@ from ssd_train import checkpoint as ckpt
 from ssd_train.data.loaders import build_eval_loader, build_train_loader, default_backend
 from ssd_train.evaluate import evaluate_model
 from ssd_train.inference import autocast
-from ssd_train.loss import SSDLoss
-from ssd_train.model import build_model
+from ssd_train.models.ssd300.loss import SSDLoss
+from ssd_train.models.ssd300.checkpoint import checkpoint_backbone
+from ssd_train.models.ssd300.model import build_model
 
 log = logging.getLogger(__name__)
 
@@ -336,7 +337,7 @@ def fit(cfg: FitConfig) -> dict:
     if resume is not None and not {"optimizer", "scheduler", "epoch", "iteration"} <= resume.keys():
         raise ckpt.CheckpointError(f"{cfg.checkpoint} holds no training state (optimizer, scheduler, epoch): "
                                    "it can be evaluated or exported, not resumed")
-    backbone = ckpt.checkpoint_backbone(resume, None) if resume else cfg.backbone
+    backbone = checkpoint_backbone(resume, None) if resume else cfg.backbone
     expected_labels = ckpt.checkpoint_label_map(resume) if resume else None
     train_loader = build_train_loader(cfg.data_backend, cfg.data, "train2017", cfg.batch_size, expected_labels,
                                       cfg.seed, ddp.rank, ddp.world_size, device, cfg.num_workers, cfg.augment,

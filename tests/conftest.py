@@ -31,7 +31,7 @@ def tiny_checkpoint(tmp_path_factory, shapes_dir) -> Path:
     """An untrained resnet18 SSD300 checkpoint for the shapes label map, in our format."""
     from ssd_common.labels import LabelMap
     from ssd_train.checkpoint import save_checkpoint
-    from ssd_train.model import build_model
+    from ssd_train.models.ssd300.model import build_model
     import json
 
     categories = json.loads((shapes_dir / "annotations" / "instances_val2017.json").read_text())["categories"]

@@ -1,6 +1,6 @@
 import torch
 
-from ssd_train.boxes import decode, default_boxes, encode, match, xywh_to_xyxy, xyxy_to_xywh
+from ssd_train.models.ssd300.boxes import decode, default_boxes, encode, match, xywh_to_xyxy, xyxy_to_xywh
 
 
 def test_encode_decode_round_trip():

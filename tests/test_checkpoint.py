@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from ssd_train.checkpoint import (CheckpointError, load_checkpoint, load_for_inference, random_states,
-                                  save_checkpoint, set_random_states)
+from ssd_train.checkpoint import CheckpointError, load_checkpoint, random_states, save_checkpoint, set_random_states
 from ssd_train.data.shapes import make_shapes_dataset
+from ssd_train.models.ssd300.checkpoint import load_for_inference
 from ssd_train.train import RESUME_CHECKED, FitConfig, check_resume, fit
 
 

@@ -34,7 +34,7 @@ from ssd_client.images import (as_image_list, chunks, encode_image, encode_image
 from ssd_client.shm import SharedMemorySlot, unique_prefix
 from ssd_common import io as sio
 from ssd_common.labels import LabelMap
-from ssd_train.boxes import MAX_DETECTIONS
+from ssd_train.models.ssd300.boxes import MAX_DETECTIONS
 
 DATA_DIR = Path(skimage.data.__file__).parent  # real photos shipped with scikit-image
 
@@ -580,7 +580,7 @@ def served(tmp_path_factory):
     from ssd_train.checkpoint import save_checkpoint
     from ssd_train.data.shapes import make_shapes_dataset
     from ssd_train.export import export_model_repository
-    from ssd_train.model import build_model
+    from ssd_train.models.ssd300.model import build_model
     from ssd_train.serving.server import TritonServer
 
     root = tmp_path_factory.mktemp("served")

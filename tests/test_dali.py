@@ -202,7 +202,7 @@ def coco_targets(root, split="train2017"):
     import json
 
     from ssd_common.labels import LabelMap
-    from ssd_train.boxes import encode, match
+    from ssd_train.models.ssd300.boxes import encode, match
 
     data = json.loads((root / "annotations" / f"instances_{split}.json").read_text())
     label_of = LabelMap.from_coco_categories(data["categories"]).label_of()
@@ -243,7 +243,7 @@ def test_train_loader_shapes_and_positives(dataset):
 
 
 def test_train_targets_follow_boxes_encode_and_label_map(dataset):
-    """augment=False: the box encoder's targets are ssd_train.boxes.encode(match(...)) with
+    """augment=False: the box encoder's targets are ssd_train.models.ssd300.boxes.encode(match(...)) with
     LabelMap's labels (ascending category id), although the file lists categories in reverse."""
     expected_offsets, expected_labels = coco_targets(dataset)
     images, offsets, labels = collect(dali.build_train_loader(dataset, batch_size=BATCH, augment=False))

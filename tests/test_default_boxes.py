@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from ssd_train.boxes import SSD300, default_boxes, xywh_to_xyxy
+from ssd_train.models.ssd300.boxes import SSD300, default_boxes, xywh_to_xyxy
 
 
 def test_count_and_layout():

@@ -14,7 +14,7 @@ import skimage.data
 import torch
 from PIL import Image
 
-from ssd_train.checkpoint import load_for_inference
+from ssd_train.models.ssd300.checkpoint import load_for_inference
 from ssd_train.data.dali import Preprocessor
 from ssd_train.export import (PACKAGE_REPOSITORY, ExportError, export_model_repository, install_configs,
                               sample_batch, write_torchscript)

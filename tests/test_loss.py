@@ -1,7 +1,7 @@
 import torch
 
-from ssd_train.boxes import encode, match
-from ssd_train.loss import SSDLoss, hard_negative_mask
+from ssd_train.models.ssd300.boxes import encode, match
+from ssd_train.models.ssd300.loss import SSDLoss, hard_negative_mask
 
 
 def test_hard_negative_count_and_choice():

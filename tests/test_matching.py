@@ -1,7 +1,7 @@
 import torch
 from torchvision.ops import box_iou
 
-from ssd_train.boxes import default_boxes, match
+from ssd_train.models.ssd300.boxes import default_boxes, match
 
 
 def test_threshold_and_labels():

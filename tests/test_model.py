@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssd_train.checkpoint import load_for_inference, save_checkpoint
-from ssd_train.model import BackboneError, build_model
+from ssd_train.models.ssd300.checkpoint import load_for_inference
+from ssd_train.models.ssd300.model import BackboneError, build_model
 
 FIXTURE = Path(__file__).parent / "fixtures" / "nvidia_ssd300_state_dict_shapes.json"
 

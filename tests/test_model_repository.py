@@ -13,7 +13,7 @@ import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
 from ssd_common import io
-from ssd_train.boxes import MAX_DETECTIONS, SSD300
+from ssd_train.models.ssd300.boxes import MAX_DETECTIONS, SSD300
 from ssd_train.export import PACKAGE_REPOSITORY
 from ssd_train.serving import served_repository
 from ssd_train.serving.image_check import ImageLimits

@@ -3,7 +3,7 @@
 import torch
 from torchvision.ops import nms
 
-from ssd_train.boxes import _nms_group_slices, _nms_one_call, decode, postprocess
+from ssd_train.models.ssd300.boxes import _nms_group_slices, _nms_one_call, decode, postprocess
 
 
 def reference(locs, scores, threshold=0.05, topk=200, iou=0.5, max_det=200):

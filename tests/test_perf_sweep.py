@@ -174,7 +174,7 @@ def server(tmp_path_factory):
     exported by the project's exporter (fp32 only: fp16 convolutions on a CPU are slow)."""
     from ssd_train.checkpoint import save_checkpoint
     from ssd_train.export import export_model_repository
-    from ssd_train.model import build_model
+    from ssd_train.models.ssd300.model import build_model
     from ssd_train.serving.server import TritonServer
 
     root = tmp_path_factory.mktemp("perf_served")

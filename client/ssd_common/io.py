@@ -9,7 +9,7 @@ VALIDATE = "ssd300_validate"  # python: format, structure and size checks before
 PREPROCESS = "ssd300_preprocess"  # DALI: decode, resize 300x300, normalise
 MODEL_FP32 = "ssd300_fp32"  # TorchScript SSD300
 MODEL_FP16 = "ssd300_fp16"
-POSTPROCESS = "ssd300_postprocess"  # python: decode boxes + batched NMS (ssd_train.boxes)
+POSTPROCESS = "ssd300_postprocess"  # python: decode boxes + batched NMS (ssd_train.models.ssd300.boxes)
 MODELS = (VALIDATE, PREPROCESS, MODEL_FP32, MODEL_FP16, POSTPROCESS, ENSEMBLE)
 
 

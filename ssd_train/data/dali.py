@@ -288,7 +288,7 @@ READER = "coco"  # the reader's name, for the iterators' epoch bookkeeping
 CROP_IOU_THRESHOLDS = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9)
 CROP_SCALING = (0.3, 1.0)
 CROP_ASPECT_RATIO = (0.5, 2.0)
-CROP_ATTEMPTS = 50  # per threshold, as in the PyTorch path (ssd_train.data.transforms)
+CROP_ATTEMPTS = 50  # per threshold, as in the PyTorch path (ssd_train.models.ssd300.transforms)
 # Colour jitter, the ranges of torchvision's ColorJitter(brightness=.125, contrast=.5,
 # saturation=.5, hue=.05) that the PyTorch path uses; DALI's hue is in degrees (0.05 turn = 18).
 BRIGHTNESS = (0.875, 1.125)
@@ -408,9 +408,9 @@ def eval_graph(data_dir, split: str, shard_id: int, num_shards: int, device: str
 
 
 def _box_coding() -> dict:
-    """box_encoder arguments from ssd_train.boxes: its default boxes (ltrb), matching IoU and
+    """box_encoder arguments from ssd_train.models.ssd300.boxes: its default boxes (ltrb), matching IoU and
     variances, so DALI's offsets are boxes.encode(boxes.match(...)) (imported here: torch)."""
-    from ssd_train.boxes import MATCH_IOU, SSD300, default_boxes
+    from ssd_train.models.ssd300.boxes import MATCH_IOU, SSD300, default_boxes
 
     return {
         "anchors": default_boxes(SSD300, order="xyxy").reshape(-1).tolist(),
@@ -504,7 +504,7 @@ def build_train_loader(
     shuffle: bool | None = None,
 ) -> DaliLoader:
     """Training batches (images float32 N x 3 x 300 x 300, target_offsets float32 N x 8732 x 4,
-    target_labels int64 N x 8732): the SSD recipe, encoded with ssd_train.boxes' default boxes.
+    target_labels int64 N x 8732): the SSD recipe, encoded with ssd_train.models.ssd300.boxes' default boxes.
     `augment=False` turns every random op off (no crop, flip, jitter; no shuffle unless `shuffle`).
     Incomplete last batches are dropped, like the PyTorch path."""
     from nvidia.dali.plugin.base_iterator import LastBatchPolicy

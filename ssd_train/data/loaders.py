@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from ssd_common.labels import LabelMap
 from ssd_train.data.annotations import SplitBoxes, check_enough_images
 from ssd_train.data.coco import CocoDetection, CocoImages
-from ssd_train.data.transforms import TrainTransform, to_model_input
+from ssd_train.models.ssd300.transforms import TrainTransform, to_model_input
 
 BACKENDS = ("dali", "pytorch")
 

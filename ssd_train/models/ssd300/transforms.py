@@ -1,6 +1,6 @@
 """SSD300 transforms of the pure-PyTorch data path: the training augmentations of the reference
 recipe and the evaluation transform. A training sample ends as the model's targets:
-(image (3, 300, 300), offsets (8732, 4), labels (8732,)) via ssd_train.boxes.match/encode."""
+(image (3, 300, 300), offsets (8732, 4), labels (8732,)) via ssd_train.models.ssd300.boxes.match/encode."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torchvision.ops import box_iou
 from torchvision.transforms import ColorJitter
 from torchvision.transforms import functional as TF
 
-from ssd_train.boxes import SSD300, encode, match
+from ssd_train.models.ssd300.boxes import SSD300, encode, match
 from ssd_train.data import IMAGENET_MEAN, IMAGENET_STD
 
 INPUT_SIZE = SSD300.fig_size

@@ -27,7 +27,7 @@ class SSDLoss(nn.Module):
         self,
         locs: torch.Tensor,  # (N, 4, D) predicted offsets
         scores: torch.Tensor,  # (N, C, D) logits
-        target_offsets: torch.Tensor,  # (N, D, 4) from ssd_train.boxes.encode
+        target_offsets: torch.Tensor,  # (N, D, 4) from ssd_train.models.ssd300.boxes.encode
         target_labels: torch.Tensor,  # (N, D) int64, 0 = background
     ) -> torch.Tensor:
         locs, scores = locs.float(), scores.float()  # the loss in fp32 even under autocast

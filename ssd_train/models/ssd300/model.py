@@ -11,7 +11,7 @@ import torch
 import torchvision
 from torch import nn
 
-from ssd_train.boxes import SSD300 as BOX_SPEC
+from ssd_train.models.ssd300.boxes import SSD300 as BOX_SPEC
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class SSD300(nn.Module):
             features.append(block(features[-1]))
         n = x.shape[0]
         # Head channels are (box, coordinate) major; reshaping to (N, 4, -1) orders each level's
-        # boxes as (box size, row, column), the order of ssd_train.boxes.default_boxes.
+        # boxes as (box size, row, column), the order of ssd_train.models.ssd300.boxes.default_boxes.
         locs = [head(f).reshape(n, 4, -1) for head, f in zip(self.loc, features)]
         scores = [head(f).reshape(n, self.label_num, -1) for head, f in zip(self.conf, features)]
         return torch.cat(locs, 2).contiguous(), torch.cat(scores, 2).contiguous()

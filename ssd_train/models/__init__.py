@@ -1,0 +1,1 @@
+"""Each detector's own parts: one subpackage per detector."""
