@@ -146,3 +146,15 @@ def checkpoint_detector(state: dict) -> str:
     if detector not in DETECTORS:
         raise CheckpointError(f"checkpoint holds an unknown detector {detector!r} (known: {', '.join(DETECTORS)})")
     return detector
+
+
+def detector_of(path: str | Path) -> str:
+    """The detector a checkpoint file holds, read without loading its tensors (memory-mapped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        state = load_checkpoint(path)  # not a zip-format file: read it whole (and report why it fails)
+    return checkpoint_detector(state) if isinstance(state, dict) else "ssd300"

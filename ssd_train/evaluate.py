@@ -9,7 +9,8 @@ from tqdm import tqdm
 
 from ssd_common.coco_eval import coco_evaluate, detection_records
 from ssd_common.labels import LabelMap
-from ssd_train.inference import category_lookup, detect
+from ssd_train.inference import category_lookup
+from ssd_train.models.ssd300.inference import detect
 
 
 @torch.no_grad()

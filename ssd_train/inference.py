@@ -1,5 +1,5 @@
-"""The forward + decode path shared by evaluation, prediction and benchmarks: preprocessed images in,
-detections in original-image pixels with dataset category ids out."""
+"""What every detector's evaluation, prediction and benchmarks share: mixed precision and the
+contiguous label -> dataset category id lookup."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import contextlib
 import torch
 
 from ssd_common.labels import LabelMap
-from ssd_train.models.ssd300.boxes import Detections, postprocess
 
 
 def autocast(device: torch.device | str, enabled: bool):
@@ -23,22 +22,3 @@ def autocast(device: torch.device | str, enabled: bool):
 def category_lookup(label_map: LabelMap, device) -> torch.Tensor:
     """Tensor mapping contiguous labels to dataset category ids (index 0, background/padding -> 0)."""
     return torch.tensor([0, *label_map.category_ids()], dtype=torch.int64, device=device)
-
-
-def scale_to_pixels(detections: Detections, sizes: torch.Tensor) -> Detections:
-    """Normalised boxes -> original-image pixels; `sizes` (N, 2) holds (height, width)."""
-    height, width = sizes[:, 0:1].float(), sizes[:, 1:2].float()
-    scale = torch.cat([width, height, width, height], dim=1).to(detections.boxes.device)
-    return detections._replace(boxes=detections.boxes * scale[:, None, :])
-
-
-@torch.no_grad()
-def detect(model: torch.nn.Module, images: torch.Tensor, sizes: torch.Tensor, amp: bool = False,
-           channels_last: bool = False) -> Detections:
-    """Preprocessed images (N, 3, 300, 300) on the model's device -> detections in pixels (labels are
-    the model's contiguous labels; map them with `category_lookup`)."""
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    with autocast(images.device, amp):
-        locs, scores = model(images)
-    return scale_to_pixels(postprocess(locs.float(), scores.float()), sizes)

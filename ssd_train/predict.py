@@ -7,7 +7,8 @@ import torch
 
 from ssd_common.labels import LabelMap
 from ssd_train.models.ssd300.checkpoint import load_for_inference
-from ssd_train.inference import category_lookup, detect
+from ssd_train.inference import category_lookup
+from ssd_train.models.ssd300.inference import detect
 
 
 class Predictor:

@@ -84,13 +84,15 @@ def run_settings(cfg: FitConfig, world_size: int, train_images: int, iterations_
             "iterations_per_epoch": iterations_per_epoch}
 
 
-def check_resume(saved: dict | None, current: dict, path, anyway: bool) -> None:
-    """Refuse (or with `anyway`, warn) when `current` settings differ from the checkpoint's run's."""
+def check_resume(saved: dict | None, current: dict, path, anyway: bool, checked: dict | None = None) -> None:
+    """Refuse (or with `anyway`, warn) when `current` settings differ from the checkpoint's run's in
+    one of `checked` (setting -> name; SSD300's RESUME_CHECKED by default)."""
     if saved is None:
         log.warning("%s does not record its run's settings (an NVIDIA checkpoint, or one of ours from before "
                     "they were recorded): resuming without checking them", path)
         return
-    changes = "; ".join(f"{name} {saved[key]} (now {current[key]})" for key, name in RESUME_CHECKED.items()
+    checked = RESUME_CHECKED if checked is None else checked
+    changes = "; ".join(f"{name} {saved[key]} (now {current[key]})" for key, name in checked.items()
                         if key in saved and saved[key] != current[key])
     if changes and not anyway:
         raise ckpt.CheckpointError(f"{path} comes from a run with other settings: {changes}; resume with that run's "

@@ -12,15 +12,15 @@ trained on, and the boxes dropped). `backend="dali"` is ssd_train.data.dali;
 
 from __future__ import annotations
 
-import os
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ssd_common.labels import LabelMap
+from ssd_train.data import default_workers
 from ssd_train.data.annotations import SplitBoxes, check_enough_images
 from ssd_train.data.coco import CocoDetection, CocoImages
+from ssd_train.data.seeding import SeededSamples
 from ssd_train.models.ssd300.transforms import TrainTransform, to_model_input
 
 BACKENDS = ("dali", "pytorch")
@@ -38,40 +38,16 @@ def default_backend() -> str:
     return "dali" if dali_available() else "pytorch"
 
 
-def default_workers() -> int:
-    return min(4, os.cpu_count() or 1)
-
-
 class _EpochSampler(DistributedSampler):
     """A DistributedSampler (also for one process: it makes the order a function of seed and epoch)
-    whose indices come with their epoch, for _SeededSamples."""
+    whose indices come with their epoch, for SeededSamples."""
 
     def __iter__(self):
         return ((self.epoch, index) for index in super().__iter__())
 
 
-class _SeededSamples(torch.utils.data.Dataset):
-    """Samples whose random augmentation is seeded from (seed, epoch, index): the same in whichever
-    worker process loads them, with any number of workers, so a run resumed at an epoch boundary
-    sees the data of an uninterrupted one. DataLoader's own seeding is once per worker process, and
-    persistent workers carry their random state from epoch to epoch: a resumed run's fresh workers
-    augmented differently. (The transforms draw from torch's generator only.)"""
-
-    def __init__(self, dataset: CocoDetection, seed: int):
-        self.dataset, self.seed = dataset, seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]):
-        epoch, index = key
-        with torch.random.fork_rng(devices=[]):  # leaves the caller's generator alone (num_workers=0)
-            torch.manual_seed(int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0]))
-            return self.dataset[index]
-
-
 class _EpochLoader:
-    """A DataLoader over _SeededSamples in _EpochSampler's order, with `set_epoch`."""
+    """A DataLoader over SeededSamples in _EpochSampler's order, with `set_epoch`."""
 
     def __init__(self, loader: DataLoader, sampler: _EpochSampler, annotations: SplitBoxes):
         self.loader, self.sampler, self.annotations = loader, sampler, annotations
@@ -104,7 +80,7 @@ def build_train_loader(backend: str, data_dir, split: str = "train2017", batch_s
     check_enough_images(split, len(dataset), batch_size, num_shards)
     sampler = _EpochSampler(dataset, num_shards, shard_id, shuffle=shuffle, seed=seed, drop_last=True)
     # The loader's own generator: drawing its worker seeds leaves the global one (the run's) alone.
-    loader = DataLoader(_SeededSamples(dataset, seed), batch_size, sampler=sampler, num_workers=num_workers,
+    loader = DataLoader(SeededSamples(dataset, seed), batch_size, sampler=sampler, num_workers=num_workers,
                         drop_last=True, pin_memory=device != "cpu", persistent_workers=num_workers > 0,
                         generator=torch.Generator().manual_seed(seed))
     return _EpochLoader(loader, sampler, dataset.annotations)

@@ -1,8 +1,8 @@
 """Triton python-backend model: SSD300 outputs -> detections in original-image pixels.
 
-Decoding, NMS, pixel scaling and the label -> category id lookup are `ssd_train.models.ssd300.boxes` and
-`ssd_train.inference`, the code `ssd-train evaluate/predict` run. The requests of a dynamic batch go
-through one `postprocess` call. Inputs arrive through DLPack where they are (GPU memory on the GPU
+Decoding, NMS, pixel scaling and the label -> category id lookup are `ssd_train.models.ssd300.boxes`,
+`ssd_train.models.ssd300.inference` and `ssd_train.inference`, the code `ssd-train evaluate/predict`
+run. The requests of a dynamic batch go through one `postprocess` call. Inputs arrive through DLPack where they are (GPU memory on the GPU
 server, `FORCE_CPU_ONLY_INPUT_TENSORS: no`), and the work runs on this instance's device.
 """
 
@@ -16,8 +16,9 @@ from torch.utils.dlpack import from_dlpack, to_dlpack
 
 from ssd_common import io
 from ssd_common.labels import LabelMap
+from ssd_train.inference import category_lookup
 from ssd_train.models.ssd300.boxes import postprocess
-from ssd_train.inference import category_lookup, scale_to_pixels
+from ssd_train.models.ssd300.inference import scale_to_pixels
 from ssd_train.serving.responses import server_fault
 
 
