@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ssd_common.layout import CocoSplit, DatasetError
@@ -26,13 +26,17 @@ MIN_BOX_PIXELS = 1.0
 @dataclass
 class SplitBoxes:
     """What training reads of a split: its images (`id`, `file_name`, `width`, `height`, sorted by
-    id) and, per image id, the kept boxes (x1, y1, x2, y2 in pixels) and their category ids."""
+    id) and, per image id, the kept boxes (x1, y1, x2, y2 in pixels) and their category ids -- and,
+    in the same order, their annotations' ids and `segmentation` entries (None where absent) for
+    instance segmentation, which turns them into masks (ssd_train.models.maskrcnn.data)."""
 
     split: CocoSplit
     images: list[dict]
     boxes: dict[int, list[tuple[float, float, float, float]]]
     category_ids: dict[int, list[int]]
     dropped: Counter  # reason -> boxes
+    annotation_ids: dict[int, list[int]] = field(default_factory=dict)
+    segmentations: dict[int, list] = field(default_factory=dict)
 
     @property
     def num_dropped(self) -> int:
@@ -59,6 +63,8 @@ def read_boxes(split: CocoSplit, data: dict, skip_empty: bool) -> SplitBoxes:
     source = split.annotation_file.name
     boxes: dict[int, list] = {}
     category_ids: dict[int, list] = {}
+    annotation_ids: dict[int, list] = {}
+    segmentations: dict[int, list] = {}
     dropped: Counter = Counter()
     try:
         known_categories = {int(c["id"]) for c in data["categories"]}
@@ -78,6 +84,8 @@ def read_boxes(split: CocoSplit, data: dict, skip_empty: bool) -> SplitBoxes:
                 continue
             boxes.setdefault(image_id, []).append(box)
             category_ids.setdefault(image_id, []).append(category_id)
+            annotation_ids.setdefault(image_id, []).append(ann.get("id"))
+            segmentations.setdefault(image_id, []).append(ann.get("segmentation"))
     except DatasetError:
         raise
     except (KeyError, ValueError, TypeError) as err:
@@ -87,7 +95,7 @@ def read_boxes(split: CocoSplit, data: dict, skip_empty: bool) -> SplitBoxes:
             raise DatasetError(f"{source}: image {img['id']} has size {img['width']}x{img['height']}")
     if skip_empty:
         images = [img for img in images if img["id"] in boxes]
-    result = SplitBoxes(split, images, boxes, category_ids, dropped)
+    result = SplitBoxes(split, images, boxes, category_ids, dropped, annotation_ids, segmentations)
     if dropped:
         reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(dropped.items()))
         log.warning("%s: dropped %d of %d boxes (%s)", split.annotation_file, result.num_dropped,

@@ -9,11 +9,18 @@ label-map path is always exercised. The default style is the dataset of the test
 separate objects per image, 55-165 px wide and high (the sizes SSD300's default boxes cover best) and
 one colour family per shape (circles red, rectangles green, triangles blue, each with jitter), so the
 network tells the classes apart early and spends its few steps on finding and fitting the boxes.
+
+Every object also has a COCO `segmentation` (one polygon: a rectangle's 4 corners, a triangle's 3, a
+circle's ELLIPSE_POINTS points), so the same datasets train and test instance segmentation. Polygons are
+in COCO's continuous coordinates, where pixel (x, y) covers [x, x + 1) x [y, y + 1): PIL fills the
+pixels x1..x2 of a box (x1, y1, x2, y2), so the shape's outline runs to x2 + 1 -- the extent the
+`bbox` (width x2 - x1 + 1) has always said. Adding them changed no image, box or area.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -23,8 +30,14 @@ from PIL import Image, ImageDraw
 CATEGORIES = ({"id": 1, "name": "circle"}, {"id": 3, "name": "rectangle"}, {"id": 7, "name": "triangle"})
 
 
-def _draw_object(draw: ImageDraw.ImageDraw, rng: random.Random, kind: str, box, colour) -> list[float]:
+# Points of a circle's (an ellipse's) polygon: its area is then within 0.3% of the ellipse's.
+ELLIPSE_POINTS = 48
+
+
+def _draw_object(draw: ImageDraw.ImageDraw, rng: random.Random, kind: str, box, colour) -> tuple[list, list]:
+    """Draw one object; its COCO bbox (x, y, w, h) and segmentation."""
     x1, y1, x2, y2 = box
+    apex = None
     if kind == "circle":
         draw.ellipse(box, fill=colour)
     elif kind == "rectangle":
@@ -32,7 +45,22 @@ def _draw_object(draw: ImageDraw.ImageDraw, rng: random.Random, kind: str, box, 
     else:  # triangle, apex anywhere on the top edge: the tight box is still the drawn box
         apex = rng.uniform(x1, x2)
         draw.polygon([(apex, y1), (x2, y2), (x1, y2)], fill=colour)
-    return [float(x1), float(y1), float(x2 - x1 + 1), float(y2 - y1 + 1)]
+    return [float(x1), float(y1), float(x2 - x1 + 1), float(y2 - y1 + 1)], _segmentation(kind, box, apex)
+
+
+def _segmentation(kind: str, box, apex: float | None = None) -> list[list[float]]:
+    """The drawn shape as a COCO polygon (see the module docstring for the coordinates)."""
+    x1, y1, x2, y2 = box
+    right, bottom = x2 + 1, y2 + 1
+    if kind == "rectangle":
+        points = [(x1, y1), (right, y1), (right, bottom), (x1, bottom)]
+    elif kind == "triangle":  # PIL's apex is a pixel centre: half a pixel right in COCO's coordinates
+        points = [(apex + 0.5, y1), (right, bottom), (x1, bottom)]
+    else:
+        cx, cy, rx, ry = (x1 + right) / 2, (y1 + bottom) / 2, (right - x1) / 2, (bottom - y1) / 2
+        angles = (2 * math.pi * i / ELLIPSE_POINTS for i in range(ELLIPSE_POINTS))
+        points = [(cx + rx * math.cos(a), cy + ry * math.sin(a)) for a in angles]
+    return [[round(float(v), 2) for point in points for v in point]]
 
 
 def _background(rng: random.Random, width: int, height: int) -> Image.Image:
@@ -71,9 +99,10 @@ def make_split(out: Path, split: str, count: int, seed: int, first_id: int = 1) 
                 continue  # no free place left for another object
             placed.append(box)
             category = rng.choice(CATEGORIES)
-            bbox = _draw_object(draw, rng, category["name"], box, _colour_far_from(rng, background))
+            bbox, segmentation = _draw_object(draw, rng, category["name"], box, _colour_far_from(rng, background))
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category["id"],
-                                "bbox": bbox, "area": bbox[2] * bbox[3], "iscrowd": 0})
+                                "bbox": bbox, "area": bbox[2] * bbox[3], "iscrowd": 0,
+                                "segmentation": segmentation})
         file_name = f"{image_id:06d}.jpg"
         image.save(image_dir / file_name, quality=92)
         images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
@@ -126,10 +155,12 @@ def make_demo_split(out: Path, split: str, count: int, seed: int, first_id: int 
                 apex = rng.uniform(x1 + (x2 - x1) / 3, x2 - (x2 - x1) / 3)
                 draw.polygon([(apex, y1), (x2, y2), (x1, y2)], fill=colour)
                 bbox = [float(x1), float(y1), float(x2 - x1 + 1), float(y2 - y1 + 1)]
+                segmentation = _segmentation("triangle", box, apex)
             else:
-                bbox = _draw_object(draw, rng, category["name"], box, colour)
+                bbox, segmentation = _draw_object(draw, rng, category["name"], box, colour)
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category["id"],
-                                "bbox": bbox, "area": bbox[2] * bbox[3], "iscrowd": 0})
+                                "bbox": bbox, "area": bbox[2] * bbox[3], "iscrowd": 0,
+                                "segmentation": segmentation})
         file_name = f"{image_id:06d}.jpg"
         image.save(image_dir / file_name, quality=92)
         images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
