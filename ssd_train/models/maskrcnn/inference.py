@@ -1,0 +1,178 @@
+"""Mask R-CNN inference, shared by evaluation, prediction and benchmarks: images in, boxes, scores,
+labels and instance masks at each image's own size out; COCO bbox + segm results and their scores
+(with NVIDIA's result files bbox.json / segm.json); a predictor for encoded images.
+
+The model is torchvision's MaskRCNN in eval mode: it takes float [3, H, W] images in [0, 1] of any
+sizes, resizes and normalises them itself, and returns boxes in input pixels and mask probabilities
+pasted at the input size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
+
+from ssd_common.coco_eval import coco_evaluate, detection_records, segmentation_records
+from ssd_common.labels import LabelMap
+from ssd_common.masks import encode_mask
+from ssd_train.files import atomic_write
+from ssd_train.inference import autocast, category_lookup
+from ssd_train.serving.image_check import MAX_IMAGE_PIXELS
+
+MASK_THRESHOLD = 0.5  # maskrcnn-benchmark's / torchvision's paste threshold: pixel in the mask if prob > 0.5
+
+
+class ImageError(ValueError):
+    """An encoded image that cannot be decoded or is over the pixel cap; the message says which."""
+
+
+@torch.no_grad()
+def detect(model: torch.nn.Module, images: list[torch.Tensor], amp: bool = False) -> list[dict]:
+    """Float [3, H, W] images in [0, 1] on the model's device -> per image, best first, on the CPU:
+    {"boxes" float32 [N, 4] xyxy input pixels, "scores" float32 [N], "labels" int64 [N] (contiguous),
+    "masks" bool [N, H, W] at that image's size}."""
+    if not images:
+        return []
+    with autocast(images[0].device, amp):
+        outputs = model(images)
+    if isinstance(outputs, tuple):  # a scripted MaskRCNN returns (losses, detections)
+        outputs = outputs[1]
+    found = []
+    for out in outputs:
+        order = out["scores"].argsort(descending=True, stable=True)
+        found.append({"boxes": out["boxes"][order].float().cpu(),
+                      "scores": out["scores"][order].float().cpu(),
+                      "labels": out["labels"][order].cpu(),
+                      "masks": (out["masks"][order, 0] > MASK_THRESHOLD).cpu()})
+    return found
+
+
+def result_records(image_id: int, found: dict, category_ids: torch.Tensor) -> tuple[list[dict], list[dict]]:
+    """COCO bbox and segm result records of one image's `detect` output; `category_ids` maps contiguous
+    labels to dataset category ids (`category_lookup`)."""
+    categories = category_ids.cpu()[found["labels"]].numpy()
+    scores = found["scores"].numpy()
+    masks = [encode_mask(mask) for mask in found["masks"].numpy()]
+    return (detection_records(image_id, found["boxes"].numpy(), scores, categories),
+            segmentation_records(image_id, masks, scores, categories))
+
+
+def collect_results(model, loader, label_map: LabelMap, device, amp: bool = False,
+                    progress: bool = True) -> tuple[list[dict], list[dict]]:
+    """COCO bbox and segm result records of every image the loader yields; the loader yields
+    (images: list of float [3, H, W] CPU tensors in [0, 1], image_ids)."""
+    model.eval()
+    to_category = category_lookup(label_map, "cpu")
+    bbox: list[dict] = []
+    segm: list[dict] = []
+    for images, image_ids in tqdm(loader, desc="evaluate", unit="batch", disable=not progress,
+                                  mininterval=2, leave=False):
+        found = detect(model, [image.to(device, non_blocking=True) for image in images], amp)
+        for image_id, one in zip(image_ids, found):
+            boxes, masks = result_records(int(image_id), one, to_category)
+            bbox += boxes
+            segm += masks
+    return bbox, segm
+
+
+def evaluate_model(model, loader, label_map: LabelMap, annotation_file, device, amp: bool = False,
+                   progress: bool = True, results_dir=None) -> dict | None:
+    """{"bbox_mAP", "segm_mAP", "bbox", "segm" (coco_evaluate results), "summary" (text of both)} on
+    rank 0, None on other ranks (each collects its shard, rank 0 gathers and scores). With
+    `results_dir`, rank 0 also writes the COCO result files bbox.json and segm.json there."""
+    bbox, segm = collect_results(model, loader, label_map, device, amp, progress)
+    if dist.is_available() and dist.is_initialized():
+        gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object((bbox, segm), gathered, dst=0)
+        if dist.get_rank() != 0:
+            return None
+        bbox = [r for part_bbox, _ in gathered for r in part_bbox]
+        segm = [r for _, part_segm in gathered for r in part_segm]
+    if results_dir is not None:
+        write_results(results_dir, bbox, segm)
+    annotations = _load_annotations(annotation_file)
+    bbox_result = coco_evaluate(annotations, bbox, iou_type="bbox")
+    segm_result = coco_evaluate(annotations, segm, iou_type="segm")
+    return {"bbox_mAP": bbox_result["mAP"], "segm_mAP": segm_result["mAP"],
+            "bbox": bbox_result, "segm": segm_result,
+            "summary": f"bbox:\n{bbox_result['summary']}segm:\n{segm_result['summary']}"}
+
+
+def write_results(results_dir, bbox: list[dict], segm: list[dict]) -> None:
+    """bbox.json and segm.json in `results_dir`, each written atomically."""
+    for name, records in (("bbox.json", bbox), ("segm.json", segm)):
+        with atomic_write(f"{results_dir}/{name}", "w") as f:
+            json.dump(records, f)
+
+
+def _load_annotations(annotation_file):
+    """A COCO object (loaded once for both scores), quietly; an already loaded one as it is."""
+    from pycocotools.coco import COCO
+
+    if isinstance(annotation_file, COCO):
+        return annotation_file
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(str(annotation_file))
+
+
+def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """Encoded image -> float [3, H, W] in [0, 1]. The size is read from the header first: an image
+    over `max_pixels` is refused before anything decodes it. Raises ImageError."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our cap decides
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise ImageError(f"image is {width}x{height} ({width * height:,} pixels), "
+                                     f"over the limit of {max_pixels:,} pixels")
+                pixels = np.array(image.convert("RGB"))
+    except ImageError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ImageError(f"cannot decode image: {reason}") from None
+    return torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255)
+
+
+class MaskPredictor:
+    """Encoded images (JPEG, PNG, anything PIL reads) -> detections with instance masks."""
+
+    def __init__(self, model: torch.nn.Module, label_map: LabelMap, device: str = "cpu", amp: bool = False,
+                 batch_size: int = 2, max_image_pixels: int = MAX_IMAGE_PIXELS):
+        self.model = model.eval().to(device)
+        self.label_map = label_map
+        self.device = torch.device(device)
+        self.amp = amp
+        self.batch_size = batch_size
+        self.max_image_pixels = max_image_pixels
+        self._category = category_lookup(label_map, "cpu")
+
+    def detect(self, images: list[bytes]) -> list[list[dict]]:
+        """Per image, its detections best first: {"box" [x1, y1, x2, y2] in original pixels, "score",
+        "category_id", "category_name", "mask" (COCO RLE at the image's size)}. Undecodable or
+        oversized input raises ImageError."""
+        results: list[list[dict]] = []
+        for start in range(0, len(images), self.batch_size):
+            pixels = []
+            for index, data in enumerate(images[start:start + self.batch_size], start):
+                try:
+                    pixels.append(decode_image(data, self.max_image_pixels).to(self.device))
+                except ImageError as err:
+                    raise ImageError(f"image {index}: {err}") from None
+            for found in detect(self.model, pixels, self.amp):
+                results.append([
+                    {"box": box, "score": score, "category_id": int(self._category[label]),
+                     "category_name": self.label_map.name(label), "mask": encode_mask(mask)}
+                    for box, score, label, mask in zip(found["boxes"].tolist(), found["scores"].tolist(),
+                                                       found["labels"].tolist(), found["masks"].numpy())
+                ])
+        return results
