@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from ssd_train.models.maskrcnn.model import BACKBONES as MASKRCNN_BACKBONES
 from ssd_train.models.ssd300.model import BACKBONES
 from ssd_train.train import FitConfig
 
@@ -64,7 +65,7 @@ def _setup_logging(verbose: bool) -> None:
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def cli(verbose):
-    """Train, evaluate, export and benchmark NVIDIA's SSD300 v1.1 detector."""
+    """Train, evaluate, predict, export and benchmark NVIDIA's SSD300 v1.1 and Mask R-CNN detectors."""
     _setup_logging(verbose)
 
 
@@ -109,94 +110,195 @@ def _precision_options(func):
     return func
 
 
+def _recipe_default(name: str) -> str:
+    """The recipe default of a fit option for each detector, for its help text."""
+    from ssd_train.models.maskrcnn.train import MaskRCNNConfig
+
+    shown = []
+    for detector, config in (("ssd300", FitConfig), ("maskrcnn", MaskRCNNConfig)):
+        if name in config.__dataclass_fields__:
+            value = config.__dataclass_fields__[name].default
+            value = ",".join(map(str, value)) if isinstance(value, tuple) else value
+            shown.append(f"{detector}: {value}")
+    return "[default " + ("; ".join(shown)) + "]"
+
+
+# Options of `fit` that only one detector has (the others are both detectors').
+SSD_ONLY = ("epochs", "multistep", "evaluation", "precise_bn", "data_backend", "channels_last")
+MASKRCNN_ONLY = ("iterations", "steps", "accumulate_steps", "warmup_factor", "checkpoint_every", "eval_every_epoch",
+                 "min_bbox_map", "min_mask_map", "min_size", "max_size", "trainable_layers", "resume", "final_eval",
+                 "rois_per_image", "norm")
+DETECTORS = ("ssd300", "maskrcnn")
+
+
+def _fit_option(*names, recipe: str, **kwargs):
+    """An option whose default is the chosen detector's recipe (None here: the config fills it in)."""
+    help_text = kwargs.pop("help", "")
+    return click.option(*names, default=None, help=f"{help_text} {_recipe_default(recipe)}".strip(), **kwargs)
+
+
+def _model_option(required_for: str):
+    return click.option("--model", "detector", type=click.Choice(DETECTORS), default=None,
+                        help=f"Detector [default: {required_for}].")
+
+
 @cli.command()
+@_model_option("ssd300")
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="COCO-layout dataset directory.")
-@click.option("--save", default=str(FitConfig.save), show_default=True, type=click.Path(path_type=Path),
-              help="Directory for epoch_N.pt checkpoints and metrics.jsonl.")
-@click.option("--epochs", default=FitConfig.epochs, show_default=True)
-@click.option("--batch-size", "--bs", default=FitConfig.batch_size, show_default=True, help="Per process.")
-@click.option("--eval-batch-size", "--ebs", default=FitConfig.eval_batch_size, show_default=True)
-@click.option("--learning-rate", "--lr", default=FitConfig.learning_rate, show_default=True,
-              help="For batch 32 on one process; scaled by batch/32 and the number of processes.")
-@click.option("--multistep", default=",".join(map(str, FitConfig.multistep)), show_default=True,
-              callback=_int_list, help="Epochs at which the learning rate drops x0.1.")
-@click.option("--warmup", default=FitConfig.warmup, show_default=True, help="Linear warmup iterations.")
-@click.option("--momentum", default=FitConfig.momentum, show_default=True)
-@click.option("--weight-decay", "--wd", default=FitConfig.weight_decay, show_default=True)
-@click.option("--seed", type=click.IntRange(min=0), default=FitConfig.seed, show_default=True)
+@_fit_option("--save", recipe="save", type=click.Path(path_type=Path),
+             help="Directory for checkpoints and metrics.jsonl.")
+@_fit_option("--epochs", recipe="epochs", type=int, help="(ssd300)")
+@_fit_option("--iterations", recipe="iterations", type=int, help="Optimizer steps (maskrcnn).")
+@_fit_option("--batch-size", "--bs", recipe="batch_size", type=int, help="Per process (and micro-batch).")
+@_fit_option("--accumulate-steps", recipe="accumulate_steps", type=click.IntRange(min=1),
+             help="Batches accumulated into one optimizer step (maskrcnn).")
+@_fit_option("--eval-batch-size", "--ebs", recipe="eval_batch_size", type=int)
+@_fit_option("--learning-rate", "--lr", recipe="learning_rate", type=float,
+             help="ssd300: for batch 32 per process, scaled by batch/32 x processes; maskrcnn: for a global batch "
+                  "of 16, scaled linearly with the global batch (batch x processes x accumulate steps).")
+@_fit_option("--multistep", recipe="multistep", callback=_int_list, help="Epochs at which the LR drops x0.1 (ssd300).")
+@_fit_option("--steps", recipe="steps", callback=_int_list, help="Iterations at which the LR drops x0.1 (maskrcnn).")
+@_fit_option("--warmup", recipe="warmup", type=int,
+             help="Linear warmup iterations (maskrcnn, when not given: 500, or 625 from a global batch of 32).")
+@_fit_option("--warmup-factor", recipe="warmup_factor", type=float,
+             help="LR factor the warmup starts from (maskrcnn, when not given: 0.33, or 0.01 from a global batch of 32).")
+@_fit_option("--momentum", recipe="momentum", type=float)
+@_fit_option("--weight-decay", "--wd", recipe="weight_decay", type=float)
+@_fit_option("--seed", recipe="seed", type=click.IntRange(min=0))
 @click.option("--checkpoint", type=click.Path(path_type=Path),
-              help="Resume from this checkpoint (an epoch_N.pt of the run; see --resume-anyway).")
-@click.option("--evaluation", default=",".join(map(str, FitConfig.evaluation)), show_default=True,
-              callback=_int_list,
-              help=f"Evaluate after these epochs ({EPOCH_LIST}); the last epoch is always evaluated.")
-@click.option("--backbone", type=click.Choice(BACKBONES), default=FitConfig.backbone, show_default=True)
+              help="Resume from this checkpoint of the run (see --resume-anyway).")
+@click.option("--resume", is_flag=True, default=None,
+              help="Resume from the checkpoint SAVE/last_checkpoint names (maskrcnn).")
+@_fit_option("--checkpoint-every", recipe="checkpoint_every", type=click.IntRange(min=1),
+             help="Save a checkpoint every this many iterations, and at the end (maskrcnn).")
+@_fit_option("--evaluation", recipe="evaluation", callback=_int_list,
+             help=f"Evaluate after these epochs ({EPOCH_LIST}); the last is always evaluated (ssd300).")
+@click.option("--eval-every-epoch", is_flag=True, default=None, help="Evaluate box and mask mAP after every epoch "
+                                                                     "(maskrcnn).")
+@_fit_option("--min-bbox-map", recipe="min_bbox_map", type=float,
+             help="Stop once an evaluation reaches this box mAP (and --min-mask-map) (maskrcnn).")
+@_fit_option("--min-mask-map", recipe="min_mask_map", type=float,
+             help="Stop once an evaluation reaches this mask mAP (and --min-bbox-map) (maskrcnn).")
+@click.option("--final-eval/--no-final-eval", default=None,
+              help="Evaluate at the end and write SAVE/inference/{bbox,segm}.json (maskrcnn) [default: on].")
+@_fit_option("--backbone", recipe="backbone", type=click.Choice(sorted(set(BACKBONES) | set(MASKRCNN_BACKBONES))))
 @click.option("--backbone-path", type=click.Path(path_type=Path),
-              help="torchvision-format ResNet state dict (otherwise ImageNet weights are tried).")
-@click.option("--pretrained-backbone/--no-pretrained-backbone", default=FitConfig.pretrained_backbone,
-              show_default=True,
-              help="Try torchvision's ImageNet weights when --backbone-path is not given.")
+              help="torchvision-format ResNet state dict (otherwise ImageNet weights are tried, see below).")
+@click.option("--pretrained-backbone/--no-pretrained-backbone", default=None,
+              help="Try torchvision's ImageNet weights when --backbone-path is not given "
+                   f"{_recipe_default('pretrained_backbone')}.")
+@_fit_option("--min-size", recipe="min_size", type=int, help="Shorter image side (maskrcnn).")
+@_fit_option("--max-size", recipe="max_size", type=int, help="Longer image side at most (maskrcnn).")
+@click.option("--trainable-layers", type=click.IntRange(0, 5), default=None,
+              help="ResNet stages trained, from the top; 3 freezes the stem and layer1 (maskrcnn) [default: 3 with "
+                   "pretrained backbone weights, as the reference; 5 from scratch].")
+@click.option("--norm", type=click.Choice(["frozen", "batch"]), default=None,
+              help="The ResNet's BatchNorm: frozen (the reference's, with ImageNet statistics) or trained (maskrcnn) "
+                   "[default: frozen with pretrained backbone weights; batch from scratch].")
+@_fit_option("--rois-per-image", recipe="rois_per_image", type=click.IntRange(min=1),
+             help="RoIs sampled per image for the box and mask heads; fewer make steps cheaper on datasets with "
+                  "few objects per image (maskrcnn).")
 @click.option("--num-workers", "-j", type=int, default=None, help="Data loading workers/threads.")
 @click.option("--json-summary", type=click.Path(path_type=Path), help="Write the final summary (mAP, ...) here.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N [default: cuda when available].")
-@click.option("--precise-bn", default=FitConfig.precise_bn, show_default=True, metavar="BATCHES",
-              help="Before each evaluation (and the last checkpoint) recompute BatchNorm statistics over this "
-                   "many training batches; helps short or small-batch runs (the reference does not).")
-@click.option("--augment/--no-augment", default=FitConfig.augment, show_default=True,
-              help="SSD training augmentations (random IoU crop, flip, colour jitter).")
-@click.option("--max-nonfinite-steps", type=click.IntRange(min=1), default=FitConfig.max_nonfinite_steps,
-              show_default=True, help="A step whose loss is not finite is skipped with a warning; this many in a "
-                                      "row stop the run with an error (the last checkpoint is kept).")
-@click.option("--resume-anyway", is_flag=True,
-              help="Resume from --checkpoint even if its run had another batch size, number of processes, number "
-                   "of training images, learning rate, multistep, warmup, momentum, weight decay, seed or "
-                   "augmentation setting (refused otherwise: the result would not continue that run). "
-                   "--epochs may always change.")
-@click.option("--log-interval", default=FitConfig.log_interval, show_default=True, metavar="STEPS",
-              help="Write the mean training loss to metrics.jsonl every this many steps.")
+@_fit_option("--precise-bn", recipe="precise_bn", type=int, metavar="BATCHES",
+             help="Before each evaluation (and the last checkpoint) recompute BatchNorm statistics over this "
+                  "many training batches; helps short or small-batch runs (the reference does not) (ssd300).")
+@click.option("--augment/--no-augment", default=None,
+              help="Training augmentations (ssd300: random IoU crop, flip, colour jitter; maskrcnn: flip) [default: on].")
+@_fit_option("--max-nonfinite-steps", recipe="max_nonfinite_steps", type=click.IntRange(min=1),
+             help="A step whose loss is not finite is skipped with a warning; this many in a row stop the run with "
+                  "an error (the last checkpoint is kept).")
+@click.option("--resume-anyway", is_flag=True, default=None,
+              help="Resume even if the checkpoint's run had another batch size, number of processes, number of "
+                   "training images, learning rate, schedule, momentum, weight decay, seed or augmentation setting "
+                   "(refused otherwise: the result would not continue that run). The length may always change.")
+@_fit_option("--log-interval", recipe="log_interval", type=int, metavar="STEPS",
+             help="Write the mean training loss to metrics.jsonl every this many steps.")
 @_data_backend_option()
 @_precision_options
+@click.pass_context
 @user_errors
-def fit(**options):
-    """Train SSD300 on a COCO-layout dataset (torchrun for several processes).
+def fit(ctx, detector, **options):
+    """Train SSD300 or Mask R-CNN on a COCO-layout dataset (torchrun for several processes).
 
-    Each epoch ends with SAVE/epoch_N.pt; --checkpoint resumes from one after checking that the
-    settings match the run's. With the PyTorch data backend the resumed run is exactly the
-    uninterrupted one (the same data, augmentation and schedule).
-    Boxes that are degenerate, non-finite or outside their image are dropped (a warning counts them);
-    a box of a category the annotation file does not list, or a missing or unreadable image, is an
-    error before training starts."""
-    from ssd_train.data.loaders import default_backend
-    from ssd_train.train import TrainingError, fit as run_fit
+    \b
+    ssd300:   by epochs; SAVE/epoch_N.pt after each epoch.
+    maskrcnn: by iterations; SAVE/model_NNNNNNN.pt every --checkpoint-every iterations and at the end,
+              SAVE/last_checkpoint names the newest (--resume continues from it).
 
-    options["data_backend"] = options["data_backend"] or default_backend()
-    _check_training_batch(options["batch_size"])
+    --checkpoint resumes from a checkpoint after checking that the settings match its run's; the
+    resumed run is exactly the uninterrupted one (with the PyTorch data pipeline). Boxes that are
+    degenerate, non-finite or outside their image are dropped (a warning counts them); a box of a
+    category the annotation file does not list, or a missing or unreadable image, is an error before
+    training starts."""
+    from ssd_train.train import TrainingError
+
+    detector = detector or "ssd300"
+    _refuse_other_detector_options(ctx, detector)
+    given = {k: v for k, v in options.items() if v is not None}
     try:
-        summary = run_fit(FitConfig(**options))
+        if detector == "maskrcnn":
+            from ssd_train.models.maskrcnn.train import MaskRCNNConfig, fit as run_fit
+
+            config = MaskRCNNConfig(**{k: v for k, v in given.items() if k not in SSD_ONLY})
+            _check_training_batch(config.batch_size, batch_norm=False)
+            summary = run_fit(config)
+        else:
+            from ssd_train.data.loaders import default_backend
+            from ssd_train.train import fit as run_fit
+
+            given.setdefault("data_backend", default_backend())
+            config = FitConfig(**{k: v for k, v in given.items() if k not in MASKRCNN_ONLY})
+            _check_training_batch(config.batch_size)
+            summary = run_fit(config)
     except TrainingError as err:
         raise click.ClickException(str(err)) from None
     if summary.get("coco_summary"):
         click.echo(summary["coco_summary"].rstrip())
     if summary.get("mAP") is not None:
         click.echo(f"mAP {summary['mAP']:.4f} after {summary['epochs']} epochs; checkpoint {summary['checkpoint']}")
+    if summary.get("bbox_mAP") is not None:
+        click.echo(f"bbox mAP {summary['bbox_mAP']:.4f}, mask mAP {summary['segm_mAP']:.4f} after "
+                   f"{summary['iterations']} iterations; checkpoint {summary['checkpoint']}")
+    elif detector == "maskrcnn":
+        click.echo(f"{summary['iterations']} iterations; checkpoint {summary['checkpoint']}")
+
+
+def _refuse_other_detector_options(ctx: click.Context, detector: str) -> None:
+    """An option of the other detector is a mistake worth a clear error (it would be ignored)."""
+    other = MASKRCNN_ONLY if detector == "ssd300" else SSD_ONLY
+    for param in ctx.command.params:
+        if param.name in other and ctx.get_parameter_source(param.name) == click.core.ParameterSource.COMMANDLINE:
+            raise click.UsageError(f"{param.opts[0]} is not an option of --model {detector}")
 
 
 @cli.command()
+@_model_option("the checkpoint's")
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="COCO-layout dataset directory.")
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path))
 @click.option("--split", default="val2017", show_default=True)
 @click.option("--backbone", type=click.Choice(BACKBONES), default=None,
-              help="Override the checkpoint's backbone (NVIDIA checkpoints do not record it).")
-@click.option("--eval-batch-size", "--ebs", default=32, show_default=True)
+              help="Override the checkpoint's backbone (ssd300: NVIDIA checkpoints do not record it).")
+@click.option("--eval-batch-size", "--ebs", type=int, default=None, help="[default: ssd300 32, maskrcnn 1]")
 @click.option("--num-workers", "-j", type=int, default=None)
-@click.option("--json-summary", type=click.Path(path_type=Path), help="Write mAP and the 12 COCO stats here.")
+@click.option("--json-summary", type=click.Path(path_type=Path),
+              help="Write the mAP and the 12 COCO stats here (maskrcnn: bbox_mAP, segm_mAP and both lists).")
+@click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write the COCO result files bbox.json and segm.json here (maskrcnn).")
 @click.option("--device", default=None)
 @_data_backend_option()
 @_precision_options
 @user_errors
-def evaluate(data, checkpoint, split, backbone, eval_batch_size, num_workers, json_summary, device,
-             data_backend, amp, tf32, channels_last):
-    """COCO bbox mAP of a checkpoint on a split."""
+def evaluate(detector, data, checkpoint, split, backbone, eval_batch_size, num_workers, json_summary, results_dir,
+             device, data_backend, amp, tf32, channels_last):
+    """COCO mAP of a checkpoint on a split: bbox for SSD300, bbox and segm for Mask R-CNN."""
     from ssd_common.coco_eval import write_summary
+
+    if _detector(detector, checkpoint) == "maskrcnn":
+        return _evaluate_maskrcnn(data, checkpoint, split, eval_batch_size or 1, num_workers, json_summary,
+                                  results_dir, device, amp, tf32)
+    eval_batch_size = eval_batch_size or 32
     from ssd_train.models.ssd300.checkpoint import load_for_inference
     from ssd_train.data.loaders import build_eval_loader, default_backend
     from ssd_train.evaluate import evaluate_model
@@ -219,8 +321,44 @@ def evaluate(data, checkpoint, split, backbone, eval_batch_size, num_workers, js
         write_summary(json_summary, result, checkpoint=str(checkpoint), split=split)
 
 
-def _check_training_batch(batch_size: int) -> None:
-    if batch_size < 2:
+def _detector(requested: str | None, checkpoint) -> str:
+    """--model, or the detector the checkpoint records; they must agree."""
+    from ssd_train.checkpoint import detector_of
+
+    found = detector_of(checkpoint)
+    if requested is not None and requested != found:
+        raise click.UsageError(f"--model {requested}, but {checkpoint} holds a {found} checkpoint")
+    return found
+
+
+def _evaluate_maskrcnn(data, checkpoint, split, batch_size, num_workers, json_summary, results_dir, device, amp,
+                       tf32):
+    from ssd_common.coco_eval import write_instance_summary
+    from ssd_train.models.maskrcnn.data import build_eval_loader
+    from ssd_train.models.maskrcnn.inference import evaluate_model
+    from ssd_train.models.maskrcnn.train import load_for_inference
+    from ssd_train.train import pick_device, set_math_modes
+
+    device = pick_device(device)
+    amp = device.startswith("cuda") if amp is None else amp
+    set_math_modes(tf32)
+    model, label_map, info = load_for_inference(checkpoint)
+    loader, _, annotation_file = build_eval_loader(data, split, batch_size, label_map, num_workers=num_workers)
+    result = evaluate_model(model.to(device), loader, label_map, annotation_file, device, amp,
+                            results_dir=results_dir)
+    click.echo(result["summary"].rstrip())
+    click.echo(f"bbox mAP {result['bbox_mAP']:.4f}, mask mAP {result['segm_mAP']:.4f}")
+    if results_dir:
+        click.echo(f"wrote {Path(results_dir) / 'bbox.json'} and {Path(results_dir) / 'segm.json'}")
+    if json_summary:
+        write_instance_summary(json_summary, result["bbox"], result["segm"], checkpoint=str(checkpoint), split=split,
+                               iteration=info["iteration"])
+
+
+def _check_training_batch(batch_size: int, batch_norm: bool = True) -> None:
+    if batch_size < 1:
+        raise click.BadParameter("training needs at least 1 image per batch and process", param_hint="--batch-size")
+    if batch_norm and batch_size < 2:
         raise click.BadParameter("training needs at least 2 images per batch and process (BatchNorm "
                                  "normalises the 1x1 feature map over the batch)", param_hint="--batch-size")
 
@@ -233,24 +371,35 @@ def torch_channels_last():
 
 # --------------------------------------------------------------------------------------------- predict
 @cli.command()
+@_model_option("the checkpoint's")
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path))
-@click.option("--backbone", type=click.Choice(BACKBONES), default=None)
+@click.option("--backbone", type=click.Choice(BACKBONES), default=None, help="Override the checkpoint's (ssd300).")
 @click.option("--threshold", default=0.3, show_default=True, help="Minimum score to report.")
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Write annotated copies of the images here.")
+              help="Write annotated copies of the images here (boxes, labels and masks).")
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--device", default=None)
 @click.option("--amp/--no-amp", default=False, show_default=True)
 @user_errors
-def predict(images, checkpoint, backbone, threshold, output_dir, batch_size, device, amp):
-    """Detect objects in IMAGES; prints one JSON line per detection."""
+def predict(detector, images, checkpoint, backbone, threshold, output_dir, batch_size, device, amp):
+    """Detect objects in IMAGES; prints one JSON line per detection: image, box (x1, y1, x2, y2 in
+    pixels), score, category_id, category_name and, for Mask R-CNN, its mask as COCO RLE."""
     from ssd_common.draw import save_annotated
-    from ssd_train.data.dali import ImageDecodeError
-    from ssd_train.predict import Predictor
     from ssd_train.train import pick_device
 
-    predictor = Predictor.from_checkpoint(checkpoint, backbone, pick_device(device), amp=amp, batch_size=batch_size)
+    if _detector(detector, checkpoint) == "maskrcnn":
+        from ssd_train.models.maskrcnn.inference import ImageError as ImageDecodeError, MaskPredictor
+        from ssd_train.models.maskrcnn.train import load_for_inference
+
+        model, label_map, _ = load_for_inference(checkpoint)
+        predictor = MaskPredictor(model, label_map, pick_device(device), amp=amp, batch_size=batch_size)
+    else:
+        from ssd_train.data.dali import ImageDecodeError
+        from ssd_train.predict import Predictor
+
+        predictor = Predictor.from_checkpoint(checkpoint, backbone, pick_device(device), amp=amp,
+                                              batch_size=batch_size)
     for path in images:
         try:
             data = Path(path).read_bytes()
@@ -282,6 +431,10 @@ def export(checkpoint, model_repository, precision, onnx, backbone):
     """Export a checkpoint into a Triton model repository (TorchScript, label map, optional ONNX)."""
     from ssd_train.export import export_model_repository
 
+    if _detector(None, checkpoint) != "ssd300":
+        raise click.ClickException(f"{checkpoint} is a Mask R-CNN checkpoint: its export to Triton is not "
+                                   "available yet (this release exports SSD300 only)")
+
     precisions = ("fp32", "fp16") if precision == "both" else (precision,)
     written = export_model_repository(checkpoint, model_repository, precisions, onnx=onnx, backbone=backbone)
     for path in written:
@@ -291,8 +444,9 @@ def export(checkpoint, model_repository, precision, onnx, backbone):
 
 # ------------------------------------------------------------------------------------------- benchmark
 @cli.command()
+@click.option("--model", "detector", type=click.Choice(DETECTORS), default="ssd300", show_default=True)
 @click.option("--mode", type=click.Choice(["training", "inference"]), required=True)
-@click.option("--batch-size", "--bs", "batch_size", type=int, default=32, show_default=True)
+@click.option("--batch-size", "--bs", "batch_size", type=int, default=None, help="[default: ssd300 32, maskrcnn 8]")
 @click.option("--batch-sizes", callback=_int_list, default=None,
               help="Sweep these batch sizes (e.g. 1,2,4,8,16,32,64) instead of --batch-size.")
 @click.option("--amp/--no-amp", default=None,
@@ -302,16 +456,22 @@ def export(checkpoint, model_repository, precision, onnx, backbone):
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model first.")
 @click.option("--benchmark-warmup", default=10, show_default=True, help="Untimed iterations first.")
 @click.option("--benchmark-iterations", default=20, show_default=True, help="Timed iterations.")
-@click.option("--backbone", type=click.Choice(BACKBONES), default="resnet50", show_default=True)
+@click.option("--backbone", type=click.Choice(sorted(set(BACKBONES) | set(MASKRCNN_BACKBONES))), default="resnet50",
+              show_default=True)
+@click.option("--min-size", type=int, default=800, show_default=True, help="Shorter image side (maskrcnn).")
+@click.option("--max-size", type=int, default=1333, show_default=True, help="Longer image side at most (maskrcnn).")
+@click.option("--processes", callback=_int_list, default="1", show_default=True,
+              help="Training: also measure with these numbers of processes (one GPU each; gloo on CPU) for the "
+                   "weak-scaling columns, e.g. 1,2,4,8 (maskrcnn).")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="COCO-layout dataset to take images from [default: synthetic].")
 @_data_backend_option()
 @click.option("--device", default=None)
 @click.option("--json-summary", type=click.Path(path_type=Path))
 @user_errors
-def benchmark(mode, batch_size, batch_sizes, amp, tf32, channels_last, compile_model, benchmark_warmup,
-              benchmark_iterations, backbone, data, data_backend, device, json_summary):
-    """Throughput in images/s (mean, median, min, max) and the seeds' table for a sweep."""
+def benchmark(detector, mode, batch_size, batch_sizes, amp, tf32, channels_last, compile_model, benchmark_warmup,
+              benchmark_iterations, backbone, min_size, max_size, processes, data, data_backend, device, json_summary):
+    """Throughput in images/s (mean, median, min, max) and NVIDIA's README table for a sweep."""
     import torch
 
     from ssd_train.benchmark import result_line, run_sweep, sweep_table, write_summary
@@ -322,7 +482,11 @@ def benchmark(mode, batch_size, batch_sizes, amp, tf32, channels_last, compile_m
         precisions = [False, True] if device.type == "cuda" else [False]
     else:
         precisions = [amp]
-    sizes = list(batch_sizes or [batch_size])
+    if detector == "maskrcnn":
+        return _benchmark_maskrcnn(mode, list(batch_sizes or [batch_size or 8]), precisions, device, backbone,
+                                   min_size, max_size, processes, benchmark_warmup, benchmark_iterations, tf32, data,
+                                   json_summary)
+    sizes = list(batch_sizes or [batch_size or 32])
     if mode == "training":
         _check_training_batch(min(sizes))
     math_name = "TF32" if device.type == "cuda" and tf32 else "FP32"
@@ -340,6 +504,28 @@ def benchmark(mode, batch_size, batch_sizes, amp, tf32, channels_last, compile_m
     if json_summary:
         write_summary(json_summary, results, mode=mode, device=where, backbone=backbone, tf32=tf32,
                       channels_last=channels_last, compile=compile_model, data=str(data) if data else "synthetic")
+
+
+def _benchmark_maskrcnn(mode, sizes, precisions, device, backbone, min_size, max_size, processes, warmup,
+                        iterations, tf32, data, json_summary):
+    import torch
+
+    from ssd_train.models.maskrcnn import benchmark as bench
+    from ssd_train.models.maskrcnn.model import MaskRCNNSpec
+
+    spec = MaskRCNNSpec(backbone=backbone, min_size=min_size, max_size=max_size)
+    math_name = "TF32" if device.type == "cuda" and tf32 else "FP32"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    click.echo(f"{mode} benchmark of Mask R-CNN ({backbone}-FPN, {min_size}/{max_size}) on {where}, {iterations} "
+               f"timed iterations after {warmup} warmup; {'real images from ' + str(data) if data else 'synthetic data'}")
+    results = bench.run_benchmark(mode, sizes, precisions, str(device), spec, warmup, iterations, tf32,
+                                  processes if mode == "training" else (1,), data,
+                                  lambda result: click.echo(bench.result_line(result)))
+    click.echo("")
+    click.echo(bench.table(results, math_name, mode))
+    if json_summary:
+        bench.write_summary(json_summary, results, mode=mode, device=where, spec=spec.to_json(), tf32=tf32,
+                            data=str(data) if data else "synthetic")
 
 
 def main():
