@@ -34,9 +34,12 @@ def user_errors(func):
         from ssd_common.labels import LabelMapError
         from ssd_train.checkpoint import CheckpointError
         from ssd_train.data.coco import DatasetError
+        from ssd_train.models.maskrcnn.inference import ImageError
+        from ssd_train.models.maskrcnn.model import BackboneError as MaskRCNNBackboneError, SpecError
         from ssd_train.models.ssd300.model import BackboneError
 
-        errors = [CheckpointError, DatasetError, LabelMapError, BackboneError, FileNotFoundError]
+        errors = [CheckpointError, DatasetError, LabelMapError, BackboneError, MaskRCNNBackboneError, SpecError,
+                  ImageError, FileNotFoundError]
         try:
             from ssd_train.data.dali import ImageDecodeError
             errors.append(ImageDecodeError)
@@ -445,7 +448,8 @@ def export(checkpoint, model_repository, precision, onnx, backbone):
 # ------------------------------------------------------------------------------------------- benchmark
 @cli.command()
 @click.option("--model", "detector", type=click.Choice(DETECTORS), default="ssd300", show_default=True)
-@click.option("--mode", type=click.Choice(["training", "inference"]), required=True)
+@click.option("--mode", type=click.Choice(["training", "inference", "input"]), required=True,
+              help="input: the training input pipeline alone, on --data (maskrcnn).")
 @click.option("--batch-size", "--bs", "batch_size", type=int, default=None, help="[default: ssd300 32, maskrcnn 8]")
 @click.option("--batch-sizes", callback=_int_list, default=None,
               help="Sweep these batch sizes (e.g. 1,2,4,8,16,32,64) instead of --batch-size.")
@@ -474,7 +478,7 @@ def benchmark(detector, mode, batch_size, batch_sizes, amp, tf32, channels_last,
     """Throughput in images/s (mean, median, min, max) and NVIDIA's README table for a sweep."""
     import torch
 
-    from ssd_train.benchmark import result_line, run_sweep, sweep_table, write_summary
+    from ssd_train.models.ssd300.benchmark import result_line, run_sweep, sweep_table, write_summary
     from ssd_train.train import pick_device
 
     device = torch.device(pick_device(device))
@@ -482,6 +486,8 @@ def benchmark(detector, mode, batch_size, batch_sizes, amp, tf32, channels_last,
         precisions = [False, True] if device.type == "cuda" else [False]
     else:
         precisions = [amp]
+    if mode == "input":
+        return _benchmark_input(detector, data, batch_size or 8, benchmark_warmup, benchmark_iterations)
     if detector == "maskrcnn":
         return _benchmark_maskrcnn(mode, list(batch_sizes or [batch_size or 8]), precisions, device, backbone,
                                    min_size, max_size, processes, benchmark_warmup, benchmark_iterations, tf32, data,
@@ -504,6 +510,17 @@ def benchmark(detector, mode, batch_size, batch_sizes, amp, tf32, channels_last,
     if json_summary:
         write_summary(json_summary, results, mode=mode, device=where, backbone=backbone, tf32=tf32,
                       channels_last=channels_last, compile=compile_model, data=str(data) if data else "synthetic")
+
+
+def _benchmark_input(detector, data, batch_size, warmup, iterations):
+    from ssd_train.data import default_workers
+    from ssd_train.models.maskrcnn.benchmark import benchmark_input
+
+    if detector != "maskrcnn" or data is None:
+        raise click.UsageError("--mode input measures Mask R-CNN's input pipeline: pass --model maskrcnn and --data")
+    for workers in sorted({0, default_workers()}):
+        result = benchmark_input(data, batch_size, workers, warmup, iterations)
+        click.echo(f"input pipeline, {workers} workers, batch {batch_size}: {result.throughput:.1f} img/s")
 
 
 def _benchmark_maskrcnn(mode, sizes, precisions, device, backbone, min_size, max_size, processes, warmup,

@@ -4,7 +4,7 @@ import json
 
 from click.testing import CliRunner
 
-from ssd_train.benchmark import BenchmarkResult, sweep_table
+from ssd_train.models.ssd300.benchmark import BenchmarkResult, sweep_table
 from ssd_train.cli import cli
 
 

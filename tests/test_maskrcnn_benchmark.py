@@ -100,3 +100,21 @@ def test_real_batches_from_a_coco_layout_dataset_train_and_infer(tmp_path, light
     inference = run_benchmark("inference", [2], [False], "cpu", SPEC, warmup=1, iterations=1, data_dir=data)
     for result in training + inference:
         assert_measured(result, 1)
+
+
+def test_the_input_pipeline_is_measured_alone(tmp_path):
+    """`--mode input` times the training loader (decode, masks, flip, batching) without a model: the
+    figure README sets against a training step to decide whether DALI would pay."""
+    from click.testing import CliRunner
+
+    from ssd_train.cli import cli
+    from ssd_train.data.shapes import make_shapes_dataset
+
+    data = make_shapes_dataset(tmp_path, 4, 1, style="demo")
+    result = CliRunner().invoke(cli, ["benchmark", "--model", "maskrcnn", "--mode", "input", "--data", str(data),
+                                      "--bs", "2", "--benchmark-warmup", "1", "--benchmark-iterations", "2"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("input pipeline")]
+    assert lines and all(float(line.split(": ")[1].split()[0]) > 0 for line in lines)
+    refused = CliRunner().invoke(cli, ["benchmark", "--mode", "input", "--data", str(data)])
+    assert refused.exit_code != 0 and "--model maskrcnn" in refused.output

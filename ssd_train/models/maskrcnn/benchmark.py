@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from ssd_train.benchmark import _time_iterations
+from ssd_train.benchmark import time_iterations
 from ssd_train.models.maskrcnn.inference import detect
 from ssd_train.models.maskrcnn.model import MaskRCNNSpec, build_maskrcnn
 from ssd_train.models.maskrcnn.train import make_optimizer, train_step
@@ -179,7 +179,7 @@ def benchmark_training(spec: MaskRCNNSpec, batch_sizes, precisions, device: torc
                 values = train_step(train_model, optimizer, scaler, [next(batches)], device, amp)
                 losses.append(values["loss"])
 
-            seconds = _time_iterations(step, warmup, iterations, device)
+            seconds = time_iterations(step, warmup, iterations, device)
             nonfinite = sum(not math.isfinite(loss) for loss in losses[warmup:])
             records.append({"batch_size": batch_size, "precision": "amp" if amp else "fp32", "seconds": seconds,
                             "nonfinite_steps": nonfinite})
@@ -204,7 +204,7 @@ def benchmark_inference(model: torch.nn.Module, images: list[torch.Tensor], devi
     if score_threshold is not None:
         model.roi_heads.score_thresh = score_threshold
     try:
-        seconds = _time_iterations(step, warmup, iterations, device)
+        seconds = time_iterations(step, warmup, iterations, device)
     finally:
         model.roi_heads.score_thresh = kept
     return Result("inference", 1, len(images), "amp" if amp else "fp32", [seconds],
@@ -290,6 +290,17 @@ def run_benchmark(mode: str, batch_sizes, precisions, device, spec: MaskRCNNSpec
             for parts in zip(*_spawn_training(count, device, args)):
                 add_training(count, parts)
     return results
+
+
+def benchmark_input(data_dir, batch_size: int, num_workers: int, warmup: int, iterations: int) -> Result:
+    """The training input pipeline alone (read, decode the JPEG and the masks, flip, batch): the images
+    per second it delivers, to set against a training step's (is it worth moving to DALI?)."""
+    from ssd_train.models.maskrcnn.data import build_train_loader
+
+    loader = build_train_loader(data_dir, "train2017", batch_size, seed=SEED, num_workers=num_workers)
+    batches = _forever(loader)
+    seconds = time_iterations(lambda: next(batches), warmup, iterations, torch.device("cpu"))
+    return Result("input", 1, batch_size, f"{num_workers} workers", [seconds])
 
 
 def weak_scaling(results: list[Result]) -> dict[tuple[int, int, str], float]:
