@@ -150,6 +150,9 @@ def _model_option(required_for: str):
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="COCO-layout dataset directory.")
 @_fit_option("--save", recipe="save", type=click.Path(path_type=Path),
              help="Directory for checkpoints and metrics.jsonl.")
+@_fit_option("--train-split", recipe="train_split", help="Training split: DATA/TRAIN_SPLIT/ and "
+             "DATA/annotations/instances_TRAIN_SPLIT.json.")
+@_fit_option("--val-split", recipe="val_split", help="Validation split (the same layout).")
 @_fit_option("--epochs", recipe="epochs", type=int, help="(ssd300)")
 @_fit_option("--iterations", recipe="iterations", type=int, help="Optimizer steps (maskrcnn).")
 @_fit_option("--batch-size", "--bs", recipe="batch_size", type=int, help="Per process (and micro-batch).")

@@ -36,6 +36,8 @@ class TrainingError(RuntimeError):
 class FitConfig:
     data: Path
     save: Path = Path("runs/ssd300")
+    train_split: str = "train2017"
+    val_split: str = "val2017"
     epochs: int = 65
     batch_size: int = 32
     eval_batch_size: int = 32
@@ -341,12 +343,12 @@ def fit(cfg: FitConfig) -> dict:
                                    "it can be evaluated or exported, not resumed")
     backbone = checkpoint_backbone(resume, None) if resume else cfg.backbone
     expected_labels = ckpt.checkpoint_label_map(resume) if resume else None
-    train_loader = build_train_loader(cfg.data_backend, cfg.data, "train2017", cfg.batch_size, expected_labels,
+    train_loader = build_train_loader(cfg.data_backend, cfg.data, cfg.train_split, cfg.batch_size, expected_labels,
                                       cfg.seed, ddp.rank, ddp.world_size, device, cfg.num_workers, cfg.augment,
                                       shuffle=True)
-    eval_loader, label_map = build_eval_loader(cfg.data_backend, cfg.data, "val2017", cfg.eval_batch_size,
+    eval_loader, label_map = build_eval_loader(cfg.data_backend, cfg.data, cfg.val_split, cfg.eval_batch_size,
                                                expected_labels, ddp.rank, ddp.world_size, device, cfg.num_workers)
-    annotation_file = Path(cfg.data) / "annotations" / "instances_val2017.json"
+    annotation_file = Path(cfg.data) / "annotations" / f"instances_{cfg.val_split}.json"
     iters_per_epoch = len(train_loader)
     settings = run_settings(cfg, ddp.world_size, len(train_loader.annotations.images), iters_per_epoch)
     if resume:

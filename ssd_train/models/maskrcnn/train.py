@@ -48,6 +48,10 @@ class MaskRCNNConfig:
 
     data: Path
     save: Path = Path("runs/maskrcnn")
+    # NVIDIA's figures train on COCO 2014 train + valminusminival and test on minival: the images of
+    # COCO 2017's train and val splits.
+    train_split: str = "train2017"
+    val_split: str = "val2017"
     iterations: int = 90000
     steps: tuple[int, ...] = (60000, 80000)
     batch_size: int = 2  # per process and micro-batch: 16 images per step on 8 GPUs, as the recipe
@@ -245,7 +249,7 @@ def fit(cfg: MaskRCNNConfig) -> dict:
         raise ckpt.CheckpointError(f"{resume_path} holds no training state (optimizer, scheduler, iteration): "
                                    "it can be evaluated or exported, not resumed")
     expected_labels = ckpt.checkpoint_label_map(resume) if resume else None
-    train_loader = build_train_loader(cfg.data, "train2017", cfg.batch_size, expected_labels, cfg.seed, ddp.rank,
+    train_loader = build_train_loader(cfg.data, cfg.train_split, cfg.batch_size, expected_labels, cfg.seed, ddp.rank,
                                       ddp.world_size, cfg.num_workers, cfg.augment)
     label_map = train_loader.label_map
     global_batch = cfg.batch_size * cfg.accumulate_steps * ddp.world_size
@@ -306,7 +310,7 @@ def fit(cfg: MaskRCNNConfig) -> dict:
                   global_batch=global_batch, lr=lr, warmup=warmup, warmup_factor=warmup_factor,
                   iterations=cfg.iterations, steps_per_epoch=steps_per_epoch, train_images=settings["train_images"],
                   resumed_from=str(resume_path) if resume else None, start_iteration=iteration)
-    eval_loader, _, annotation_file = build_eval_loader(cfg.data, "val2017", cfg.eval_batch_size, label_map,
+    eval_loader, _, annotation_file = build_eval_loader(cfg.data, cfg.val_split, cfg.eval_batch_size, label_map,
                                                         ddp.rank, ddp.world_size, cfg.num_workers)
 
     def save(at: int) -> Path:
