@@ -13,7 +13,7 @@ import click
 
 from ssd_train.models.maskrcnn.model import BACKBONES as MASKRCNN_BACKBONES
 from ssd_train.models.ssd300.model import BACKBONES
-from ssd_train.train import FitConfig
+from ssd_train.models.ssd300.train import FitConfig
 
 EPOCH_LIST = "comma-separated epoch indices (0-based)"
 
@@ -252,7 +252,7 @@ def fit(ctx, detector, **options):
             summary = run_fit(config)
         else:
             from ssd_train.data.loaders import default_backend
-            from ssd_train.train import fit as run_fit
+            from ssd_train.models.ssd300.train import fit as run_fit
 
             given.setdefault("data_backend", default_backend())
             config = FitConfig(**{k: v for k, v in given.items() if k not in MASKRCNN_ONLY})
@@ -307,7 +307,7 @@ def evaluate(detector, data, checkpoint, split, backbone, eval_batch_size, num_w
     eval_batch_size = eval_batch_size or 32
     from ssd_train.models.ssd300.checkpoint import load_for_inference
     from ssd_train.data.loaders import build_eval_loader, default_backend
-    from ssd_train.evaluate import evaluate_model
+    from ssd_train.models.ssd300.evaluate import evaluate_model
     from ssd_train.train import pick_device, set_math_modes
 
     device = pick_device(device)
@@ -402,7 +402,7 @@ def predict(detector, images, checkpoint, backbone, threshold, output_dir, batch
         predictor = MaskPredictor(model, label_map, pick_device(device), amp=amp, batch_size=batch_size)
     else:
         from ssd_train.data.dali import ImageDecodeError
-        from ssd_train.predict import Predictor
+        from ssd_train.models.ssd300.predict import Predictor
 
         predictor = Predictor.from_checkpoint(checkpoint, backbone, pick_device(device), amp=amp,
                                               batch_size=batch_size)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ssd_train.train import FitConfig, fit
+from ssd_train.models.ssd300.train import FitConfig, fit
 
 
 def main(data: str, out: str, save: str, epochs: int, resume: str | None) -> None:
@@ -17,7 +17,7 @@ def main(data: str, out: str, save: str, epochs: int, resume: str | None) -> Non
                     pretrained_backbone=False, num_workers=0, data_backend="pytorch", channels_last=False,
                     progress=False, checkpoint=Path(resume) if resume else None)
     captured = {}
-    import ssd_train.train as train_module
+    import ssd_train.models.ssd300.train as train_module
 
     original = train_module.evaluate_model
 

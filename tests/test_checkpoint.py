@@ -17,7 +17,8 @@ import torch
 from ssd_train.checkpoint import CheckpointError, load_checkpoint, random_states, save_checkpoint, set_random_states
 from ssd_train.data.shapes import make_shapes_dataset
 from ssd_train.models.ssd300.checkpoint import load_for_inference
-from ssd_train.train import RESUME_CHECKED, FitConfig, check_resume, fit
+from ssd_train.models.ssd300.train import RESUME_CHECKED, FitConfig, fit
+from ssd_train.train import check_resume
 
 
 def test_atomic_save_keeps_previous_file_on_failure(tmp_path, monkeypatch):
@@ -83,10 +84,10 @@ def test_random_states_survive_a_safe_save_and_load(tmp_path):
 def test_resume_settings_are_checked():
     saved = {"batch_size": 4, "world_size": 1, "train_images": 24, "learning_rate": 0.02, "multistep": [1],
              "warmup": 3, "momentum": 0.9, "weight_decay": 5e-4, "seed": 0, "augment": True, "epochs": 2}
-    check_resume(saved, {**saved, "epochs": 5, "save": "elsewhere"}, "run/epoch_1.pt", anyway=False)
+    check_resume(saved, {**saved, "epochs": 5, "save": "elsewhere"}, "run/epoch_1.pt", anyway=False, checked=RESUME_CHECKED)
     changed = {**saved, "batch_size": 8, "train_images": 20, "multistep": [1, 2]}
     with pytest.raises(CheckpointError) as error:
-        check_resume(saved, changed, "run/epoch_1.pt", anyway=False)
+        check_resume(saved, changed, "run/epoch_1.pt", anyway=False, checked=RESUME_CHECKED)
     message = str(error.value)
     assert "\n" not in message and "--resume-anyway" in message
     for difference in ("batch size 4 (now 8)", "training images 24 (now 20)", "multistep [1] (now [1, 2])"):
@@ -96,8 +97,8 @@ def test_resume_settings_are_checked():
 def test_resume_anyway_and_old_checkpoints_warn(caplog):
     saved = {"batch_size": 4, "seed": 0}
     with caplog.at_level(logging.WARNING):
-        check_resume(saved, {"batch_size": 8, "seed": 0}, "a.pt", anyway=True)
-        check_resume(None, {"batch_size": 8, "seed": 0}, "nvidia.pt", anyway=False)
+        check_resume(saved, {"batch_size": 8, "seed": 0}, "a.pt", anyway=True, checked=RESUME_CHECKED)
+        check_resume(None, {"batch_size": 8, "seed": 0}, "nvidia.pt", anyway=False, checked=RESUME_CHECKED)
     first, second = (r.getMessage() for r in caplog.records)
     assert "a.pt with changed settings: batch size 4 (now 8)" in first
     assert "nvidia.pt does not record its run's settings" in second

@@ -1,6 +1,6 @@
 """`ssd-serve` end to end on CPU: export a checkpoint, start the real tritonserver (the CPU flavour
 on nvidia-pytriton's server), send real JPEG and PNG photos over HTTP and gRPC with tritonclient,
-and compare with `ssd_train.predict.Predictor` on the same images; then what hostile clients and
+and compare with `ssd_train.models.ssd300.predict.Predictor` on the same images; then what hostile clients and
 crashes must not do to it: take it over, blow its memory up with decompression bombs, fail good
 requests beside bad ones, or leave servers and files behind when its owner is killed."""
 
@@ -123,7 +123,7 @@ def repository(tiny_checkpoint, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def expected(tiny_checkpoint) -> list[list[dict]]:
-    from ssd_train.predict import Predictor
+    from ssd_train.models.ssd300.predict import Predictor
 
     detections = Predictor.from_checkpoint(tiny_checkpoint).detect(photos())
     assert all(detections), "the test checkpoint must detect something to compare"

@@ -23,7 +23,8 @@ from ssd_train.inference import autocast
 from ssd_train.models.ssd300.boxes import SSD300, encode, match, postprocess
 from ssd_train.models.ssd300.loss import SSDLoss
 from ssd_train.models.ssd300.model import build_model
-from ssd_train.train import make_grad_scaler, parameter_groups, set_math_modes, train_step
+from ssd_train.models.ssd300.train import parameter_groups, train_step
+from ssd_train.train import make_grad_scaler, set_math_modes
 
 
 @dataclass
