@@ -34,12 +34,12 @@ def user_errors(func):
         from ssd_common.labels import LabelMapError
         from ssd_train.checkpoint import CheckpointError
         from ssd_train.data.coco import DatasetError
+        from ssd_train.models.backbones import BackboneError
         from ssd_train.models.maskrcnn.inference import ImageError
-        from ssd_train.models.maskrcnn.model import BackboneError as MaskRCNNBackboneError, SpecError
-        from ssd_train.models.ssd300.model import BackboneError
+        from ssd_train.models.maskrcnn.model import SpecError
 
-        errors = [CheckpointError, DatasetError, LabelMapError, BackboneError, MaskRCNNBackboneError, SpecError,
-                  ImageError, FileNotFoundError]
+        errors = [CheckpointError, DatasetError, LabelMapError, BackboneError, SpecError, ImageError,
+                  FileNotFoundError]
         try:
             from ssd_train.data.dali import ImageDecodeError
             errors.append(ImageDecodeError)
@@ -167,7 +167,8 @@ def _model_option(required_for: str):
 @_fit_option("--warmup", recipe="warmup", type=int,
              help="Linear warmup iterations (maskrcnn, when not given: 500, or 625 from a global batch of 32).")
 @_fit_option("--warmup-factor", recipe="warmup_factor", type=float,
-             help="LR factor the warmup starts from (maskrcnn, when not given: 0.33, or 0.01 from a global batch of 32).")
+             help="LR factor the warmup starts from (maskrcnn, when not given: 0.33, or 0.01 from a global batch "
+                  "of 32).")
 @_fit_option("--momentum", recipe="momentum", type=float)
 @_fit_option("--weight-decay", "--wd", recipe="weight_decay", type=float)
 @_fit_option("--seed", recipe="seed", type=click.IntRange(min=0))
@@ -211,7 +212,8 @@ def _model_option(required_for: str):
              help="Before each evaluation (and the last checkpoint) recompute BatchNorm statistics over this "
                   "many training batches; helps short or small-batch runs (the reference does not) (ssd300).")
 @click.option("--augment/--no-augment", default=None,
-              help="Training augmentations (ssd300: random IoU crop, flip, colour jitter; maskrcnn: flip) [default: on].")
+              help="Training augmentations (ssd300: random IoU crop, flip, colour jitter; maskrcnn: flip) "
+                   "[default: on].")
 @_fit_option("--max-nonfinite-steps", recipe="max_nonfinite_steps", type=click.IntRange(min=1),
              help="A step whose loss is not finite is skipped with a warning; this many in a row stop the run with "
                   "an error (the last checkpoint is kept).")
@@ -536,8 +538,9 @@ def _benchmark_maskrcnn(mode, sizes, precisions, device, backbone, min_size, max
     spec = MaskRCNNSpec(backbone=backbone, min_size=min_size, max_size=max_size)
     math_name = "TF32" if device.type == "cuda" and tf32 else "FP32"
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    source = f"real images from {data}" if data else "synthetic data"
     click.echo(f"{mode} benchmark of Mask R-CNN ({backbone}-FPN, {min_size}/{max_size}) on {where}, {iterations} "
-               f"timed iterations after {warmup} warmup; {'real images from ' + str(data) if data else 'synthetic data'}")
+               f"timed iterations after {warmup} warmup; {source}")
     results = bench.run_benchmark(mode, sizes, precisions, str(device), spec, warmup, iterations, tf32,
                                   processes if mode == "training" else (1,), data,
                                   lambda result: click.echo(bench.result_line(result)))

@@ -84,7 +84,8 @@ def test_random_states_survive_a_safe_save_and_load(tmp_path):
 def test_resume_settings_are_checked():
     saved = {"batch_size": 4, "world_size": 1, "train_images": 24, "learning_rate": 0.02, "multistep": [1],
              "warmup": 3, "momentum": 0.9, "weight_decay": 5e-4, "seed": 0, "augment": True, "epochs": 2}
-    check_resume(saved, {**saved, "epochs": 5, "save": "elsewhere"}, "run/epoch_1.pt", anyway=False, checked=RESUME_CHECKED)
+    check_resume(saved, {**saved, "epochs": 5, "save": "elsewhere"}, "run/epoch_1.pt", anyway=False,
+                 checked=RESUME_CHECKED)
     changed = {**saved, "batch_size": 8, "train_images": 20, "multistep": [1, 2]}
     with pytest.raises(CheckpointError) as error:
         check_resume(saved, changed, "run/epoch_1.pt", anyway=False, checked=RESUME_CHECKED)

@@ -138,9 +138,9 @@ def test_rle_and_polygon_segmentations_read_the_same(shapes_dir, tmp_path):
     ([[10, 10, 20, float("nan"), 20, 20]], "non-numeric or non-finite"),
     ({"size": [5, 5], "counts": [25]}, "an RLE of size [5, 5]"),
     ("polygon", "neither polygons nor an RLE"),
-    ({"size": "IMAGE", "counts": "zzzz"}, "malformed compressed RLE"),
-    ({"size": "IMAGE", "counts": [3, 4]}, "do not cover the image"),
-    ({"size": "IMAGE", "counts": [1.5]}, "malformed RLE counts"),
+    ({"size": "IMAGE", "counts": "zzzz"}, "malformed RLE"),
+    ({"size": "IMAGE", "counts": [3, 4]}, "runs cover 7 pixels"),
+    ({"size": "IMAGE", "counts": [1.5]}, "malformed RLE"),
 ])
 def test_a_malformed_segmentation_is_a_one_line_dataset_error(shapes_dir, tmp_path, segmentation, message):
     def spoil(data):

@@ -2,8 +2,9 @@
 
 Decoding, NMS, pixel scaling and the label -> category id lookup are `ssd_train.models.ssd300.boxes`,
 `ssd_train.models.ssd300.inference` and `ssd_train.inference`, the code `ssd-train evaluate/predict`
-run. The requests of a dynamic batch go through one `postprocess` call. Inputs arrive through DLPack where they are (GPU memory on the GPU
-server, `FORCE_CPU_ONLY_INPUT_TENSORS: no`), and the work runs on this instance's device.
+run. The requests of a dynamic batch go through one `postprocess` call. Inputs arrive through DLPack
+where they are (GPU memory on the GPU server, `FORCE_CPU_ONLY_INPUT_TENSORS: no`), and the work runs
+on this instance's device.
 """
 
 from __future__ import annotations

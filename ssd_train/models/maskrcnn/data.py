@@ -26,6 +26,7 @@ from torchvision.transforms.v2 import functional as F
 
 from ssd_common.labels import LabelMap
 from ssd_common.layout import CocoSplit, DatasetError, load_annotations
+from ssd_common.masks import decode_mask
 from ssd_train.data import default_workers
 from ssd_train.data.annotations import check_enough_images, read_boxes
 from ssd_train.data.coco import CocoImages, dataset_label_map, read_image
@@ -118,40 +119,11 @@ def segmentation_problem(segmentation, height: int, width: int) -> str | None:
         return "a malformed segmentation (neither polygons nor an RLE with 'counts' and 'size')"
     if segmentation["size"] != [height, width]:
         return f"an RLE of size {segmentation['size']}, not the image's [{height}, {width}]"
-    counts = segmentation["counts"]
-    if isinstance(counts, str):
-        counts = _rle_string_counts(counts)
-        if counts is None:
-            return "a malformed compressed RLE"
-    elif not (isinstance(counts, list) and all(isinstance(c, int) and not isinstance(c, bool) for c in counts)):
-        return "malformed RLE counts"
-    if any(c < 0 for c in counts) or sum(counts) != height * width:
-        return f"RLE counts that do not cover the image's {height}x{width} pixels"
+    try:
+        decode_mask(segmentation)  # checks that the runs are whole and cover the image
+    except ValueError as err:
+        return str(err)
     return None
-
-
-def _rle_string_counts(text: str) -> list[int] | None:
-    """The run lengths of pycocotools' compressed RLE string (its rleFrString, in Python), or None."""
-    counts: list[int] = []
-    position = 0
-    while position < len(text):
-        value, shift, more = 0, 0, True
-        while more:
-            if position >= len(text):
-                return None
-            c = ord(text[position]) - 48
-            if not 0 <= c < 64:
-                return None
-            value |= (c & 0x1F) << shift
-            more = bool(c & 0x20)
-            position += 1
-            shift += 5
-            if not more and c & 0x10:
-                value -= 1 << shift
-        if len(counts) > 2:
-            value += counts[-2]
-        counts.append(value)
-    return counts
 
 
 class GroupedBatchSampler(torch.utils.data.Sampler):
@@ -159,7 +131,8 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
     torchvision's detection references group them, so padding a batch to its largest image wastes
     little. A function of (seed, epoch): the epoch's shuffled order fills one batch per group at a
     time (a group's last, incomplete batch is dropped); the batches are dealt to the `world_size`
-    ranks in turn, each rank getting as many. Yields lists of (epoch, index) keys for ssd_train.data.seeding.SeededSamples.
+    ranks in turn, each rank getting as many. Yields lists of (epoch, index) keys for
+    ssd_train.data.seeding.SeededSamples.
 
     `set_epoch(epoch, start_batch)` skips the epoch's first `start_batch` batches without loading them:
     a run resumed mid-epoch goes on with exactly the batches an uninterrupted run would have had."""

@@ -16,6 +16,8 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops import FrozenBatchNorm2d
 
+from ssd_train.models.backbones import BackboneError, first_line, load_resnet_weights
+
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 # The ResNet's normalisation: FrozenBatchNorm2d (statistics never updated: batches of 2-8 images per
 # GPU are too small to estimate them) or a trained BatchNorm2d (from scratch; see MaskRCNNSpec.norm).
@@ -47,10 +49,6 @@ DETECTIONS_PER_IMAGE = 100
 # Mask head: RoIAlign to 14x14, four convolutions, then a 2x transposed convolution: 28x28 masks.
 MASK_ROI_SIZE = 14
 MASK_SIZE = 2 * MASK_ROI_SIZE
-
-
-class BackboneError(ValueError):
-    """The backbone is unknown or its weights cannot be loaded."""
 
 
 class SpecError(ValueError):
@@ -113,7 +111,7 @@ def build_maskrcnn(spec: MaskRCNNSpec, backbone_path=None, pretrained_backbone: 
     norm_layer = FrozenBatchNorm2d if spec.norm == "frozen" else torch.nn.BatchNorm2d
     resnet = getattr(torchvision.models, spec.backbone)(weights=None, norm_layer=norm_layer)
     if backbone_path is not None:
-        _load_backbone_weights(resnet, str(backbone_path))
+        load_resnet_weights(resnet, str(backbone_path))
     elif pretrained_backbone:
         _imagenet_weights(resnet, spec.backbone)
     backbone = _resnet_fpn_extractor(resnet, spec.trainable_layers)
@@ -143,41 +141,12 @@ def build_maskrcnn(spec: MaskRCNNSpec, backbone_path=None, pretrained_backbone: 
     )
 
 
-def _load_backbone_weights(resnet: torch.nn.Module, path: str) -> None:
-    """A torchvision ResNet state dict (its `fc` may be left out: detection does not use it)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise BackboneError(f"backbone weights not found: {path}") from None
-    except Exception as err:  # pickle/zip errors of a bad file
-        raise BackboneError(f"cannot read backbone weights {path}: {_first_line(err)}") from None
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    what = f"{path} is not a torchvision {type(resnet).__name__} state dict"
-    if not isinstance(state, dict):
-        raise BackboneError(f"{what}: it holds a {type(state).__name__}")
-    try:
-        missing, unexpected = resnet.load_state_dict(state, strict=False)
-    except (RuntimeError, TypeError, AttributeError) as err:
-        raise BackboneError(f"{what}: {_first_line(err)}") from None
-    missing = [key for key in missing if not key.startswith("fc.")]
-    if missing or unexpected:
-        keys = (missing or unexpected)[:3]
-        raise BackboneError(f"{what}: {'missing' if missing else 'unexpected'} keys {', '.join(keys)}"
-                            f"{', ...' if len(missing or unexpected) > 3 else ''}")
-
-
 def _imagenet_weights(resnet: torch.nn.Module, name: str) -> None:
     weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
     try:
         state = weights.get_state_dict(progress=False)
     except Exception as err:  # offline machines: URLError, timeouts, ...
         raise BackboneError(f"could not get the ImageNet weights of {name} ({type(err).__name__}: "
-                            f"{_first_line(err)}); pass a local torchvision state dict as the backbone "
+                            f"{first_line(err)}); pass a local torchvision state dict as the backbone "
                             f"weights instead") from None
     resnet.load_state_dict(state)
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__

@@ -11,6 +11,7 @@ import torch
 import torchvision
 from torch import nn
 
+from ssd_train.models.backbones import BackboneError, load_resnet_weights
 from ssd_train.models.ssd300.boxes import SSD300 as BOX_SPEC
 
 log = logging.getLogger(__name__)
@@ -28,10 +29,6 @@ _EXTRA_MID_CHANNELS = (256, 256, 128, 128, 128)
 COCO_NUM_CLASSES = 81
 
 
-class BackboneError(ValueError):
-    """The backbone weights cannot be loaded."""
-
-
 class ResNetBackbone(nn.Module):
     """conv1..layer3 of a torchvision ResNet with layer3's stride removed: 300x300 -> 38x38."""
 
@@ -41,7 +38,7 @@ class ResNetBackbone(nn.Module):
             raise BackboneError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
         resnet = getattr(torchvision.models, name)(weights=None)
         if weights_path is not None:
-            _load_backbone_weights(resnet, weights_path)
+            load_resnet_weights(resnet, weights_path)
         elif pretrained:
             _try_imagenet_weights(resnet, name)
         self.out_channels = _FEATURE_CHANNELS[name]
@@ -53,22 +50,6 @@ class ResNetBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.feature_extractor(x)
-
-
-def _load_backbone_weights(resnet: nn.Module, path: str) -> None:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise BackboneError(f"backbone weights not found: {path}") from None
-    except Exception as err:  # pickle/zip errors of a bad file
-        raise BackboneError(f"cannot read backbone weights {path}: {err}") from None
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    try:
-        resnet.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as err:
-        first_line = str(err).strip().splitlines()[0]
-        raise BackboneError(f"{path} is not a torchvision {type(resnet).__name__} state dict: {first_line}") from None
 
 
 def _try_imagenet_weights(resnet: nn.Module, name: str) -> None:
