@@ -118,3 +118,17 @@ def test_the_input_pipeline_is_measured_alone(tmp_path):
     assert lines and all(float(line.split(": ")[1].split()[0]) > 0 for line in lines)
     refused = CliRunner().invoke(cli, ["benchmark", "--mode", "input", "--data", str(data)])
     assert refused.exit_code != 0 and "--model maskrcnn" in refused.output
+
+
+def test_the_cli_prints_the_readme_table():
+    from click.testing import CliRunner
+
+    from ssd_train.cli import cli
+
+    result = CliRunner().invoke(cli, ["benchmark", "--model", "maskrcnn", "--mode", "training", "--backbone",
+                                      "resnet18", "--min-size", "64", "--max-size", "64", "--bs", "1",
+                                      "--benchmark-warmup", "0", "--benchmark-iterations", "1"])
+    assert result.exit_code == 0, result.output
+    assert TRAINING_HEADER in result.output
+    row = next(line for line in result.output.splitlines() if line.startswith("| 1 | 1 |"))
+    assert float(row.split("|")[3]) > 0

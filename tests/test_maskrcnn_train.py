@@ -102,6 +102,19 @@ def test_a_short_fit_learns_and_evaluates_box_and_mask_map(demo_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_per_epoch_evaluation_stops_the_run_once_both_targets_are_reached(demo_dir, tmp_path):
+    """12 images in batches of 2: an epoch is 6 steps. Targets of 0 are reached by the first
+    evaluation, so a run of 100 iterations ends after 6, with its checkpoint."""
+    save = tmp_path / "run"
+    run("fit", *TINY, "--data", demo_dir, "--save", save, "--iterations", 100, "--eval-every-epoch",
+        "--min-bbox-map", 0, "--min-mask-map", 0, "--no-final-eval", "--json-summary", tmp_path / "fit.json")
+    summary = json.loads((tmp_path / "fit.json").read_text())
+    assert summary["stopped_early"] and summary["iterations"] == 6
+    assert [e["epoch"] for e in summary["evaluations"]] == [0]
+    assert read_last_checkpoint(save).name == "model_0000006.pt"
+
+
+@pytest.mark.slow
 def test_resuming_from_a_mid_epoch_checkpoint_continues_exactly(demo_dir, tmp_path):
     """6 training images, batch 1, 2 accumulated: 3 steps an epoch. The checkpoint after step 4 is
     in the middle of the second epoch; resuming from it ends where the uninterrupted run ends."""
