@@ -324,13 +324,19 @@ def fit(cfg: MaskRCNNConfig) -> dict:
         guard.last_checkpoint = path
         return path
 
+    eval_seconds = 0.0
+
     def evaluate(results_dir=None) -> dict | None:
+        nonlocal eval_seconds
+        start = time.perf_counter()
         result = evaluate_model(model, eval_loader, label_map, annotation_file, device, amp,
                                 cfg.progress and ddp.is_main, results_dir)
         if ddp.enabled:  # every rank learns the scores (for the early stop)
             shared = [result]
             dist.broadcast_object_list(shared, src=0)
             result = shared[0]
+        result["seconds"] = time.perf_counter() - start
+        eval_seconds += result["seconds"]
         return result
 
     guard = NonFiniteGuard(model, cfg.max_nonfinite_steps, resume_path)
@@ -374,7 +380,7 @@ def fit(cfg: MaskRCNNConfig) -> dict:
                 summary["evaluations"].append({"epoch": epoch, "iteration": iteration,
                                                "bbox_mAP": result["bbox_mAP"], "segm_mAP": result["segm_mAP"]})
                 metrics.write("eval", epoch=epoch, iteration=iteration, bbox_mAP=result["bbox_mAP"],
-                              segm_mAP=result["segm_mAP"])
+                              segm_mAP=result["segm_mAP"], seconds=result["seconds"])
                 log.info("epoch %d: bbox mAP %.4f, mask mAP %.4f", epoch, result["bbox_mAP"], result["segm_mAP"])
                 if _reached(result, cfg):
                     log.info("target mAP reached after epoch %d: stopping", epoch)
@@ -383,7 +389,7 @@ def fit(cfg: MaskRCNNConfig) -> dict:
     if last_saved != iteration:
         guard.check_weights(model, iteration // steps_per_epoch)
         save(iteration)
-    elapsed = time.perf_counter() - started
+    elapsed = time.perf_counter() - started - eval_seconds  # training only, not the evaluations
     summary.update(iterations=iteration, train_seconds=elapsed, skipped_steps=guard.skipped,
                    images_per_s=steps_taken * global_batch / elapsed if elapsed > 0 else None,
                    checkpoint=str(checkpoint_path(cfg.save, iteration)))
