@@ -122,8 +122,9 @@ def _recipe_default(name: str) -> str:
         if name in config.__dataclass_fields__:
             value = config.__dataclass_fields__[name].default
             value = ",".join(map(str, value)) if isinstance(value, tuple) else value
-            shown.append(f"{detector}: {value}")
-    return "[default " + ("; ".join(shown)) + "]"
+            if value is not None:  # None: chosen at run time or off, as the option's help says
+                shown.append(f"{detector}: {value}")
+    return "[default " + ("; ".join(shown)) + "]" if shown else ""
 
 
 # Options of `fit` that only one detector has (the others are both detectors').
@@ -183,9 +184,9 @@ def _model_option(required_for: str):
 @click.option("--eval-every-epoch", is_flag=True, default=None, help="Evaluate box and mask mAP after every epoch "
                                                                      "(maskrcnn).")
 @_fit_option("--min-bbox-map", recipe="min_bbox_map", type=float,
-             help="Stop once an evaluation reaches this box mAP (and --min-mask-map) (maskrcnn).")
+             help="Stop once an evaluation reaches this box mAP (and --min-mask-map) (maskrcnn; off by default).")
 @_fit_option("--min-mask-map", recipe="min_mask_map", type=float,
-             help="Stop once an evaluation reaches this mask mAP (and --min-bbox-map) (maskrcnn).")
+             help="Stop once an evaluation reaches this mask mAP (and --min-bbox-map) (maskrcnn; off by default).")
 @click.option("--final-eval/--no-final-eval", default=None,
               help="Evaluate at the end and write SAVE/inference/{bbox,segm}.json (maskrcnn) [default: on].")
 @_fit_option("--backbone", recipe="backbone", type=click.Choice(sorted(set(BACKBONES) | set(MASKRCNN_BACKBONES))))
