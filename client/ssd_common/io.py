@@ -54,3 +54,8 @@ TORCHSCRIPT_FILE = "model.pt"
 ONNX_FILE = "model.onnx"
 DALI_FILE = "model.dali"
 LABELS_FILE = "labels.json"  # in the postprocess model's version folder
+
+# Mask R-CNN's served model (ssd_train.models.maskrcnn.export.ServedMaskRCNN; its ensemble is still to
+# come): its input and output tensors, in order, as the ONNX export names them.
+MASKRCNN_MODEL_INPUTS = ("IMAGES", "IMAGE_SIZES")  # FP32 [N, 3, H, W] resized + normalised; INT64 [N, 2]
+MASKRCNN_MODEL_OUTPUTS = ("BOXES", "SCORES", "LABELS", "MASKS", "COUNTS")  # masks FP32 [N, 100, 28, 28]

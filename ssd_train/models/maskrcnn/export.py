@@ -39,6 +39,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.models.detection.transform import resize_boxes
 
+from ssd_common import io
 from ssd_train.data import IMAGENET_MEAN, IMAGENET_STD  # GeneralizedRCNNTransform's defaults, kept by build_maskrcnn
 from ssd_train.export import ExportError, _first_line, _quiet_torch, _temp_path
 from ssd_train.models.maskrcnn.inference import MASK_THRESHOLD
@@ -50,8 +51,7 @@ SIZE_DIVISIBLE = 32  # the padded batch's height and width are multiples of this
 PRECISIONS = ("fp32", "fp16")
 ONNX_OPSET = 17
 # Tensor names of the served model (TorchScript keeps positions; ONNX gets these names).
-INPUT_NAMES = ("IMAGES", "IMAGE_SIZES")
-OUTPUT_NAMES = ("BOXES", "SCORES", "LABELS", "MASKS", "COUNTS")
+INPUT_NAMES, OUTPUT_NAMES = io.MASKRCNN_MODEL_INPUTS, io.MASKRCNN_MODEL_OUTPUTS
 # Largest difference accepted between an exported model and the eager wrapper (`check_outputs`): scores
 # and mask probabilities absolute, boxes as a fraction of the image's largest coordinate. TorchScript
 # runs eager's kernels (no difference measured); onnxruntime has its own convolutions (measured on the
