@@ -430,20 +430,21 @@ def predict(detector, images, checkpoint, backbone, threshold, output_dir, batch
 @click.option("--model-repository", default="model_repository", show_default=True,
               type=click.Path(file_okay=False, path_type=Path),
               help="Triton model repository to write into (our configs are added where missing).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "both"]), default="both", show_default=True,
-              help="TorchScript variants to write (the GPU ensemble serves fp16, the CPU flavour fp32).")
-@click.option("--onnx", is_flag=True, help="Also write an ONNX model, checked by onnx.checker and onnxruntime.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "both"]), default=None,
+              help="TorchScript variants to write [default: ssd300 both (the GPU ensemble serves fp16, the CPU "
+                   "flavour fp32); maskrcnn fp32, its only one].")
+@click.option("--onnx", is_flag=True, help="Also write an ONNX model, checked by onnx.checker and onnxruntime "
+                                           "(maskrcnn: for a batch of 1).")
 @click.option("--backbone", type=click.Choice(BACKBONES), default=None,
-              help="Override the checkpoint's backbone (NVIDIA checkpoints do not record it).")
+              help="Override the checkpoint's backbone (NVIDIA's SSD300 checkpoints do not record it).")
 @user_errors
 def export(checkpoint, model_repository, precision, onnx, backbone):
-    """Export a checkpoint into a Triton model repository (TorchScript, label map, optional ONNX)."""
+    """Export a checkpoint (SSD300 or Mask R-CNN, as it records) into a Triton model repository: TorchScript,
+    label map, optional ONNX. A repository holds both detectors' ensembles: exporting one keeps the other."""
     from ssd_train.export import export_model_repository
 
-    if _detector(None, checkpoint) != "ssd300":
-        raise click.ClickException(f"{checkpoint} is a Mask R-CNN checkpoint: its export to Triton is not "
-                                   "available yet (this release exports SSD300 only)")
-
+    if precision is None:
+        precision = "both" if _detector(None, checkpoint) == "ssd300" else "fp32"
     precisions = ("fp32", "fp16") if precision == "both" else (precision,)
     written = export_model_repository(checkpoint, model_repository, precisions, onnx=onnx, backbone=backbone)
     for path in written:

@@ -1,29 +1,16 @@
-"""`ssd-train export`: a checkpoint -> the weights of a Triton model repository.
-
-Writes, each verified before it replaces anything (temp file + rename):
-- `ssd300_fp32/1/model.pt` and `ssd300_fp16/1/model.pt`: traced TorchScript. Both take and return
-  float32 (`io.MODEL_INPUT` -> `io.MODEL_LOCS`, `io.MODEL_SCORES`); the fp16 module casts inside.
-  Each traced file is reloaded and compared with the eager fp32 model on real preprocessed images
-  (synthetic photos run through the DALI preprocessing the server uses), at another batch size
-  than it was traced with.
-- `ssd300_postprocess/1/labels.json`: the label map (contiguous label -> dataset category id).
-- `manifest.json`, last: the SHA-256 of each file above, so `ssd-serve` can refuse a mixed or stale
-  set (`ssd_train.serving.manifest`).
-- with `onnx=True`, `ssd300_fp32/1/model.onnx` (float32, dynamic batch, the same tensor names):
-  checked by `onnx.checker` and, when onnxruntime is installed, against the TorchScript outputs.
-  It sits beside the served model.pt as a hand-off artifact (TensorRT's trtexec, onnxruntime,
-  other servers) rather than as a sixth served model: one served graph, nothing to keep in step.
-
-No `model.dali` is written: the DALI backend serialises `ssd300_preprocess/1/dali.py` with its own
-DALI at load time, and a pipeline serialised by a newer DALI fails to load in an older server.
-
-A repository without our configs first gets them (and the python/DALI model code) copied from the
-package's `model_repository/`, so any empty directory can be exported into and served.
+"""`ssd-train export`: a checkpoint -> the weights of a Triton model repository, for the detector the
+checkpoint holds (`ssd_train.models.ssd300.export`, `ssd_train.models.maskrcnn.export`). The steps they
+share live here:
+- a repository without our configs first gets them (and the python/DALI model code) copied from the
+  package's `model_repository/`, so any empty directory can be exported into and served;
+- every file is written atomically (temp file beside it + rename), after its verification;
+- `manifest.json`, last: the SHA-256 of each file the export wrote, so `ssd-serve` can refuse a mixed
+  or stale set (`ssd_train.serving.manifest`). One repository holds both detectors: exporting one keeps
+  the other's entries.
 """
 
 from __future__ import annotations
 
-import copy
 import io as bytes_io
 import json
 import logging
@@ -31,13 +18,12 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from ssd_common import io
 from ssd_train.serving.manifest import ARTIFACTS, MANIFEST_FILE, write_manifest
@@ -45,92 +31,63 @@ from ssd_train.serving.served_repository import PACKAGE_REPOSITORY
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16")
 # Files of the package repository that export produces or that are build leftovers.
 _ARTIFACTS = shutil.ignore_patterns(*ARTIFACTS, io.DALI_FILE, MANIFEST_FILE, "__pycache__", "*.pyc", "*.tmp")
-# Largest traced-vs-eager (fp32 model) difference accepted, as a fraction of the output's range.
-# fp32: a trace runs eager's kernels, only batch-size dependent kernel choices move the last bits.
-# fp16: rounding moves SSD300's outputs by ~1e-3; broken traces, casts or overflow by far more.
-# (fp16 is compared with the fp32 model: a second, eager fp16 run would double the verification
-# time on CPUs, where half-precision convolutions are about 8x slower than fp32.)
-TRACE_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
-ONNX_TOLERANCE = 1e-4
-ONNX_OPSET = 17
 
 
 class ExportError(ValueError):
     """The checkpoint cannot be exported, or an exported model disagrees with the eager one."""
 
 
-class HalfPrecision(nn.Module):
-    """fp16 weights and compute behind a float32 interface, so fp32 and fp16 models are drop-ins."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = copy.deepcopy(model).half()
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        locs, scores = self.model(images.half())
-        return locs.float(), scores.float()
-
-
 def export_model_repository(
     checkpoint: str | Path,
     repository: str | Path,
-    precisions: Sequence[str] = PRECISIONS,
+    precisions: Sequence[str] = ("fp32", "fp16"),
     onnx: bool = False,
     backbone: str | None = None,
 ) -> list[Path]:
-    """Export `checkpoint` into the model repository `repository`; returns the files written."""
-    precisions = _check_precisions(precisions)
-    repository = Path(repository)
-    model, label_map = _load(checkpoint, backbone)
-    written = install_configs(repository)
-    sample = sample_batch()
-    with torch.no_grad():
-        eager = onnx_reference = model(sample)
-        for precision in precisions:
-            path = repository / io.model_name(precision) / "1" / io.TORCHSCRIPT_FILE
-            path, outputs = write_torchscript(model, precision, sample, eager, path)
-            written.append(path)
-            if precision == "fp32":
-                onnx_reference = outputs  # ONNX is checked against the TorchScript file's outputs
-        if onnx:
-            path = repository / io.MODEL_FP32 / "1" / io.ONNX_FILE
-            written.append(write_onnx(model, sample, onnx_reference, path))
-    labels = repository / io.POSTPROCESS / "1" / io.LABELS_FILE
-    written.append(_atomic_write_bytes(labels, _label_map_json(label_map)))
-    # Last: the manifest makes the files above one consistent set (ssd-serve checks it).
-    artifacts = [path for path in written if path.name in ARTIFACTS]
-    written.append(write_manifest(repository, artifacts, checkpoint=str(checkpoint), precisions=list(precisions),
-                                  classes=label_map.num_classes))
-    log.info("exported %s (%d classes) to %s", ", ".join(precisions), label_map.num_classes, repository)
-    return written
-
-
-def _check_precisions(precisions: Iterable[str]) -> tuple[str, ...]:
-    chosen = tuple(dict.fromkeys(precisions))
-    unknown = [p for p in chosen if p not in PRECISIONS]
-    if unknown or not chosen:
-        raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, not {', '.join(unknown) or 'none'}")
-    return chosen
-
-
-def _load(checkpoint, backbone):
-    from ssd_train.models.ssd300.checkpoint import load_for_inference
+    """Export `checkpoint` (SSD300 or Mask R-CNN, as it records) into the model repository `repository`;
+    returns the files written."""
+    from ssd_train.checkpoint import CheckpointError, detector_of
 
     try:
-        model, label_map, _ = load_for_inference(checkpoint, backbone=backbone, map_location="cpu")
-    except ValueError as err:  # CheckpointError, LabelMapError and BackboneError, all one-liners
+        detector = detector_of(checkpoint)
+    except CheckpointError as err:
         raise ExportError(str(err)) from None
-    return model.float().eval(), label_map
+    if detector == "maskrcnn":
+        from ssd_train.models.maskrcnn.export import export_repository
+
+        if backbone is not None:
+            raise ExportError("--backbone is an option of SSD300 checkpoints: a Mask R-CNN checkpoint records its own")
+        return export_repository(checkpoint, repository, precisions, onnx=onnx)
+    from ssd_train.models.ssd300.export import export_repository
+
+    return export_repository(checkpoint, repository, precisions, onnx=onnx, backbone=backbone)
+
+
+def write_export_manifest(repository: Path, detector: str, models: Sequence[str], written: list[Path],
+                          **details) -> Path:
+    """The manifest of `repository` after `detector`'s export wrote `written` into its `models`: this
+    export's artifacts replace whatever the manifest listed for those models; another detector's
+    entries are kept as they were."""
+    from ssd_train.serving.manifest import ManifestError, read_manifest
+
+    try:
+        previous = read_manifest(repository)
+    except ManifestError:
+        previous = {"files": {}}
+    kept = {rel: entry for rel, entry in previous["files"].items() if rel.split("/")[0] not in models}
+    exports = {name: value for name, value in previous.get("exports", {}).items() if name != detector}
+    artifacts = [path for path in written if path.name in ARTIFACTS]
+    return write_manifest(repository, artifacts, kept=kept, exports={**exports, detector: details})
 
 
 # ----------------------------------------------------------------------------------------------
 # Repository layout
 
 
-def install_configs(repository: Path, source: Path = PACKAGE_REPOSITORY) -> list[Path]:
+def install_configs(repository: Path, models: Sequence[str] = io.MODELS,
+                    source: Path = PACKAGE_REPOSITORY) -> list[Path]:
     """Give `repository` each model's config and code from `source` where it has none (existing
     files are kept: they may be tuned), and a version folder `1/` per model."""
     written = []
@@ -138,7 +95,7 @@ def install_configs(repository: Path, source: Path = PACKAGE_REPOSITORY) -> list
         same = repository.exists() and repository.resolve() == source.resolve()
     except OSError:
         same = False
-    for name in io.MODELS:
+    for name in models:
         target = repository / name
         if not same and not (target / "config.pbtxt").is_file():
             if not (source / name / "config.pbtxt").is_file():
@@ -160,7 +117,7 @@ def _copy_missing(source: Path, target: Path) -> list[Path]:
     def copy_if_missing(src, dst):
         dst = Path(dst)
         if not dst.exists():
-            with _temp_path(dst) as tmp:
+            with temp_path(dst) as tmp:
                 shutil.copy2(src, tmp)
                 os.replace(tmp, dst)
             copied.append(dst)
@@ -200,108 +157,16 @@ def sample_images() -> list[bytes]:
     return images
 
 
-def sample_batch() -> torch.Tensor:
-    """`sample_images()` through the project's DALI preprocessing (CPU): N x 3 x 300 x 300."""
-    from ssd_train.data.dali import Preprocessor
-
-    pixels, _ = Preprocessor(batch_size=2)(sample_images())
-    return torch.from_numpy(pixels)
-
-
-# ----------------------------------------------------------------------------------------------
-# TorchScript
-
-
-def traceable(model: nn.Module, precision: str) -> nn.Module:
-    return HalfPrecision(model).eval() if precision == "fp16" else model
-
-
-def write_torchscript(model: nn.Module, precision: str, sample: torch.Tensor, reference, path: Path):
-    """Trace `model` at `precision` on one image, save it next to `path`, reload the file and compare
-    its outputs on the whole `sample` with `reference` (the eager fp32 model's) before moving it into
-    place. Returns (path, the saved model's outputs on `sample`)."""
-    with _quiet_torch():
-        traced = torch.jit.trace(traceable(model, precision), sample[:1], check_trace=False)
-    with _temp_path(path) as tmp:
-        with _quiet_torch():
-            torch.jit.save(traced, str(tmp))
-            loaded = torch.jit.load(str(tmp), map_location="cpu").eval()
-        outputs = loaded(sample)
-        error = _check_close(f"{io.model_name(precision)} TorchScript", "eager", outputs, reference,
-                             TRACE_TOLERANCE[precision])
-        os.replace(tmp, path)
-    log.info("wrote %s (differs from eager fp32 by %.1e of the output range)", path, error)
-    return path, outputs
-
-
-def _check_close(what: str, against: str, got, expected, tolerance: float) -> float:
-    """ExportError unless `got` matches `expected` within `tolerance` of its range; the largest error."""
-    worst = 0.0
-    for name, g, e in zip((io.MODEL_LOCS, io.MODEL_SCORES), got, expected):
-        if g.shape != e.shape:
-            raise ExportError(f"{what} gives {name} of shape {tuple(g.shape)}, {against} {tuple(e.shape)}")
-        if not torch.isfinite(g).all():
-            raise ExportError(f"{what} gives non-finite {name} on the sample images (fp16 overflow?); "
-                              "nothing was written")
-        error = ((g.float() - e.float()).abs().max() / e.abs().max().clamp(min=1e-6)).item()
-        if error > tolerance:
-            raise ExportError(
-                f"{what} disagrees with {against} on the sample images: {name} differs by "
-                f"{error:.1e} of its range (tolerance {tolerance:.0e}); nothing was written"
-            )
-        worst = max(worst, error)
-    return worst
-
-
-# ----------------------------------------------------------------------------------------------
-# ONNX
-
-
-def write_onnx(model: nn.Module, sample: torch.Tensor, reference, path: Path) -> Path:
-    """float32 ONNX with a dynamic batch axis, checked by onnx.checker and (when installed)
-    onnxruntime against `reference` (the TorchScript/eager outputs on `sample`)."""
-    import onnx
-
-    names = (io.MODEL_INPUT, io.MODEL_LOCS, io.MODEL_SCORES)
-    with _temp_path(path) as tmp:
-        try:
-            with _quiet_torch():
-                torch.onnx.export(
-                    model, (sample[:1],), str(tmp), dynamo=False, opset_version=ONNX_OPSET,
-                    input_names=[names[0]], output_names=list(names[1:]),
-                    dynamic_axes={name: {0: "batch"} for name in names},
-                )
-            onnx.checker.check_model(str(tmp), full_check=True)
-        except Exception as err:  # exporter and checker raise many types; the first line says it
-            raise ExportError(f"ONNX export failed: {_first_line(err)}") from None
-        outputs = _onnxruntime_outputs(tmp, sample)
-        if outputs is not None:
-            _check_close("the ONNX model (onnxruntime)", "TorchScript", outputs, reference, ONNX_TOLERANCE)
-        os.replace(tmp, path)
-    log.info("wrote %s%s", path, "" if outputs is not None else " (onnxruntime not installed: not run)")
-    return path
-
-
-def _onnxruntime_outputs(path: Path, sample: torch.Tensor):
-    try:
-        import onnxruntime
-    except ImportError:
-        return None
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    locs, scores = session.run([io.MODEL_LOCS, io.MODEL_SCORES], {io.MODEL_INPUT: sample.numpy()})
-    return torch.from_numpy(locs), torch.from_numpy(scores)
-
-
 # ----------------------------------------------------------------------------------------------
 # Files
 
 
-def _label_map_json(label_map) -> bytes:
+def label_map_json(label_map) -> bytes:
     return (json.dumps(label_map.to_json(), indent=1) + "\n").encode()
 
 
 @contextmanager
-def _temp_path(path: Path):
+def temp_path(path: Path):
     """A temp file beside `path` (same filesystem, so the final rename is atomic); removed unless
     the caller moved it into place."""
     try:
@@ -316,15 +181,15 @@ def _temp_path(path: Path):
         Path(tmp).unlink(missing_ok=True)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> Path:
-    with _temp_path(path) as tmp:
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    with temp_path(path) as tmp:
         tmp.write_bytes(data)
         os.replace(tmp, path)
     return path
 
 
 @contextmanager
-def _quiet_torch():
+def quiet_torch():
     """Tracing and the legacy ONNX exporter warn about their own deprecation and about shape
     arithmetic they record (the batch size stays dynamic: verification runs another one)."""
     with warnings.catch_warnings():
@@ -335,6 +200,6 @@ def _quiet_torch():
         yield
 
 
-def _first_line(err: Exception) -> str:
+def first_line(err: Exception) -> str:
     lines = str(err).strip().splitlines()
     return lines[0] if lines else type(err).__name__

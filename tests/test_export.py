@@ -16,8 +16,8 @@ from PIL import Image
 
 from ssd_train.models.ssd300.checkpoint import load_for_inference
 from ssd_train.data.dali import Preprocessor
-from ssd_train.export import (PACKAGE_REPOSITORY, ExportError, export_model_repository, install_configs,
-                              sample_batch, write_torchscript)
+from ssd_train.export import PACKAGE_REPOSITORY, ExportError, export_model_repository, install_configs
+from ssd_train.models.ssd300.export import sample_batch, write_torchscript
 from ssd_common import io
 from ssd_train.serving.manifest import MANIFEST_FILE, ManifestError, verify_repository
 
@@ -79,7 +79,7 @@ def test_export_writes_weights_labels_and_the_configs(exported, eager):
     manifest = verify_repository(repository)
     assert sorted(manifest["files"]) == [f"{io.MODEL_FP32}/1/{io.ONNX_FILE}", f"{io.MODEL_FP32}/1/{io.TORCHSCRIPT_FILE}",
                                          f"{io.POSTPROCESS}/1/{io.LABELS_FILE}"]
-    assert manifest["precisions"] == ["fp32"]
+    assert manifest["exports"]["ssd300"]["precisions"] == ["fp32"]
 
 
 def test_the_manifest_refuses_mixed_stale_or_edited_exports(exported, tmp_path):

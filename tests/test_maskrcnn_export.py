@@ -133,10 +133,10 @@ def test_served_outputs_are_fixed_size_zero_padded_and_unpasted(served, images):
     (boxes, scores, labels, masks, counts), sizes = served
     n, k = len(images), DETECTIONS_PER_IMAGE
     assert boxes.shape == (n, k, 4) and scores.shape == (n, k) and labels.shape == (n, k)
-    assert masks.shape == (n, k, MASK_SIZE, MASK_SIZE) and counts.shape == (n,)
+    assert masks.shape == (n, k, MASK_SIZE, MASK_SIZE) and counts.shape == (n, 1)  # Triton: one value per image
     assert (boxes.dtype, scores.dtype, labels.dtype, masks.dtype, counts.dtype) == (
         torch.float32, torch.float32, torch.int64, torch.float32, torch.int64)
-    for i, count in enumerate(counts.tolist()):
+    for i, count in enumerate(counts[:, 0].tolist()):
         assert (scores[i, :count] > 0).all() and (labels[i, :count] >= 1).all()
         assert not boxes[i, count:].any() and not scores[i, count:].any() and not labels[i, count:].any()
         assert not masks[i, count:].any()

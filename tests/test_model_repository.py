@@ -21,7 +21,7 @@ from ssd_train.serving.served_repository import (ConfigError, derive_repository,
                                                  read_config)
 
 BOXES = SSD300.num_boxes
-FP32, INT32, UINT8 = mc.TYPE_FP32, mc.TYPE_INT32, mc.TYPE_UINT8
+FP32, INT32, INT64, UINT8, BYTES = mc.TYPE_FP32, mc.TYPE_INT32, mc.TYPE_INT64, mc.TYPE_UINT8, mc.TYPE_STRING
 SIZE = io.INPUT_SIZE
 DETECTIONS = [
     (io.DETECTION_BOXES, FP32, [MAX_DETECTIONS, 4]),
@@ -44,8 +44,25 @@ SIGNATURES = {
                      DETECTIONS),
     io.ENSEMBLE: ([(io.IMAGE, UINT8, [-1])], DETECTIONS),
 }
+# Mask R-CNN's: K detections per image, M x M masks
+K, M = io.MASKRCNN_MAX_DETECTIONS, io.MASKRCNN_MASK_SIZE
+MASKRCNN_RAW = [(FP32, [K, 4]), (FP32, [K]), (INT64, [K]), (FP32, [K, M, M]), (INT64, [1])]
+MASKRCNN_DETECTIONS = [(io.DETECTION_BOXES, FP32, [K, 4]), (io.DETECTION_SCORES, FP32, [K]),
+                       (io.DETECTION_CLASSES, INT32, [K]), (io.NUM_DETECTIONS, INT32, [1]),
+                       (io.DETECTION_MASKS, BYTES, [K])]
+SIGNATURES.update({
+    io.MASKRCNN_PREPROCESS: ([(io.IMAGE, UINT8, [-1])], [(io.PREPROCESSED_IMAGE, FP32, [3, -1, -1]),
+                                                          (io.RESIZED_SIZE, INT64, [2]), (io.IMAGE_SIZE, INT32, [2])]),
+    io.MASKRCNN_MODEL: (list(zip(io.MASKRCNN_LIBTORCH_INPUTS, (FP32, INT64), ([3, -1, -1], [2]))),
+                        [(name, *tensor) for name, tensor in zip(io.MASKRCNN_LIBTORCH_OUTPUTS, MASKRCNN_RAW)]),
+    io.MASKRCNN_POSTPROCESS: ([(name, *tensor) for name, tensor in zip(io.MASKRCNN_MODEL_OUTPUTS, MASKRCNN_RAW)]
+                              + [(io.RESIZED_SIZE, INT64, [2]), (io.IMAGE_SIZE, INT32, [2])], MASKRCNN_DETECTIONS),
+    io.MASKRCNN_ENSEMBLE: ([(io.IMAGE, UINT8, [-1])], MASKRCNN_DETECTIONS + [(io.IMAGE_SIZE, INT32, [2])]),
+})
 KINDS = {io.VALIDATE: "python", io.PREPROCESS: "dali", io.MODEL_FP32: "pytorch_libtorch", io.MODEL_FP16: "pytorch_libtorch",
-         io.POSTPROCESS: "python", io.ENSEMBLE: "ensemble"}
+         io.POSTPROCESS: "python", io.ENSEMBLE: "ensemble", io.MASKRCNN_PREPROCESS: "dali",
+         io.MASKRCNN_MODEL: "pytorch_libtorch", io.MASKRCNN_POSTPROCESS: "python", io.MASKRCNN_ENSEMBLE: "ensemble"}
+ENSEMBLES = (io.ENSEMBLE, io.MASKRCNN_ENSEMBLE)
 
 
 def signature(config) -> tuple[list, list]:
@@ -54,7 +71,7 @@ def signature(config) -> tuple[list, list]:
 
 
 def configs(repository: Path) -> dict:
-    return {name: read_config(repository / name / "config.pbtxt") for name in io.MODELS
+    return {name: read_config(repository / name / "config.pbtxt") for name in io.ALL_MODELS
             if (repository / name / "config.pbtxt").exists()}
 
 
@@ -71,6 +88,10 @@ def fake_export(tmp_path: Path, precisions=("fp32", "fp16")) -> Path:
         (repository / io.model_name(precision) / "1").mkdir(parents=True, exist_ok=True)
         (repository / io.model_name(precision) / "1" / io.TORCHSCRIPT_FILE).write_bytes(precision.encode())
     (repository / io.POSTPROCESS / "1" / io.LABELS_FILE).write_text("[]")
+    (repository / io.MASKRCNN_MODEL / "1").mkdir(exist_ok=True)
+    (repository / io.MASKRCNN_MODEL / "1" / io.TORCHSCRIPT_FILE).write_bytes(b"maskrcnn")
+    (repository / io.MASKRCNN_POSTPROCESS / "1" / io.LABELS_FILE).write_text("[]")
+    (repository / io.MASKRCNN_PREPROCESS / "1" / io.RESIZE_FILE).write_text("{}")
     return repository
 
 
@@ -79,24 +100,28 @@ def cpu(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cpu_flavour")
     production = fake_export(tmp)
     target = tmp / "cpu"
-    names = derive_repository(production, target, "cpu")
+    names = derive_repository(production, target, "cpu", io.ALL_MODELS)
     return production, target, names, configs(target)
 
 
 def test_repository_holds_exactly_the_io_models():
-    assert sorted(p.name for p in PACKAGE_REPOSITORY.iterdir() if p.is_dir()) == sorted(io.MODELS)
+    assert sorted(p.name for p in PACKAGE_REPOSITORY.iterdir() if p.is_dir()) == sorted(io.ALL_MODELS)
+    assert io.ALL_MODELS == (*io.MODELS, *io.MASKRCNN_MODELS[1:])  # the image check is shared
 
 
-@pytest.mark.parametrize("name", io.MODELS)
+@pytest.mark.parametrize("name", io.ALL_MODELS)
 def test_production_config_uses_io_names_types_and_shapes(production, name):
     config = production[name]
     assert config.name == name
     assert model_kind(config) == KINDS[name]
     assert signature(config) == SIGNATURES[name]
-    assert config.max_batch_size == io.MAX_BATCH_SIZE >= 64
+    if name in io.MODELS:
+        assert config.max_batch_size == io.MAX_BATCH_SIZE >= 64
+    else:
+        assert config.max_batch_size == io.MASKRCNN_MAX_BATCH_SIZE
 
 
-@pytest.mark.parametrize("name", [n for n in io.MODELS if n != io.ENSEMBLE])
+@pytest.mark.parametrize("name", [n for n in io.ALL_MODELS if n not in ENSEMBLES])
 def test_production_models_batch_dynamically_on_the_gpu(production, name):
     config = production[name]
     assert config.HasField("dynamic_batching")
@@ -105,25 +130,27 @@ def test_production_models_batch_dynamically_on_the_gpu(production, name):
     assert [g.kind for g in config.instance_group] == [kind]
 
 
-@pytest.mark.parametrize("name", [io.VALIDATE, io.PREPROCESS])
+@pytest.mark.parametrize("name", [io.VALIDATE, io.PREPROCESS, io.MASKRCNN_PREPROCESS])
 def test_image_steps_batch_images_of_different_lengths(production, name):
     (image,) = production[name].input
     assert image.allow_ragged_batch
 
 
-def test_postprocess_takes_tensors_where_they_are(production):
-    parameters = production[io.POSTPROCESS].parameters
+@pytest.mark.parametrize("name", [io.POSTPROCESS, io.MASKRCNN_POSTPROCESS])
+def test_postprocess_takes_tensors_where_they_are(production, name):
+    parameters = production[name].parameters
     assert parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
 
 
-def ensemble_wiring(all_configs: dict) -> list[str]:
-    """Walk the ensemble's steps checking each mapping against the models' own signatures; returns
-    the step models in order."""
-    ensemble = all_configs[io.ENSEMBLE]
+def ensemble_wiring(all_configs: dict, name: str = io.ENSEMBLE) -> list[str]:
+    """Walk the ensemble's steps checking each mapping against the models' own signatures and batch
+    sizes; returns the step models in order."""
+    ensemble = all_configs[name]
     tensors = {t.name: (t.data_type, list(t.dims)) for t in ensemble.input}
     steps = []
     for step in ensemble.ensemble_scheduling.step:
         model = all_configs[step.model_name]
+        assert ensemble.max_batch_size <= model.max_batch_size, step.model_name
         inputs = {t.name: (t.data_type, list(t.dims)) for t in model.input}
         outputs = {t.name: (t.data_type, list(t.dims)) for t in model.output}
         assert set(step.input_map) == set(inputs), step.model_name
@@ -143,14 +170,27 @@ def test_production_ensemble_wiring_runs_fp16(production):
     assert ensemble_wiring(production) == [io.VALIDATE, io.PREPROCESS, io.MODEL_FP16, io.POSTPROCESS]
 
 
-def test_dali_model_has_exactly_one_autoserialize_pipeline():
+def test_production_maskrcnn_wiring_shares_the_image_check(production):
+    assert ensemble_wiring(production, io.MASKRCNN_ENSEMBLE) == list(io.MASKRCNN_MODELS[:-1])
+    assert io.ENSEMBLES[io.MASKRCNN_ENSEMBLE][0] == io.VALIDATE
+
+
+@pytest.mark.parametrize("name", [io.PREPROCESS, io.MASKRCNN_PREPROCESS])
+def test_dali_model_has_exactly_one_autoserialize_pipeline(name, tmp_path):
     """What the DALI backend does at load time, up to serialisation (which needs a GPU)."""
     from nvidia.dali._utils.autoserialize import _discover_autoserialize
 
-    spec = importlib.util.spec_from_file_location("ssd300_dali_model", PACKAGE_REPOSITORY / io.PREPROCESS / "1" / "dali.py")
+    source = PACKAGE_REPOSITORY / name / "1" / "dali.py"
+    if name == io.MASKRCNN_PREPROCESS:  # it reads the sizes export writes beside it
+        shutil.copy(source, tmp_path / "dali.py")
+        (tmp_path / io.RESIZE_FILE).write_text('{"min_size": 800, "max_size": 1333}')
+        source = tmp_path / "dali.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_dali_model", source)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert [f.__name__ for f in _discover_autoserialize(module, visited=[])] == [io.PREPROCESS]
+    assert [f.__name__ for f in _discover_autoserialize(module, visited=[])] == [name]
+    if name == io.MASKRCNN_PREPROCESS:
+        assert (module.MIN_SIZE, module.MAX_SIZE) == (800, 1333)
 
 
 @pytest.mark.cuda
@@ -190,7 +230,7 @@ def test_config_errors_are_one_line(tmp_path):
 # CPU flavour
 
 
-@pytest.mark.parametrize("name", io.MODELS)
+@pytest.mark.parametrize("name", io.ALL_MODELS)
 def test_cpu_flavour_agrees_with_production(production, cpu, name):
     _, _, _, cpu_configs = cpu
     derived, original = cpu_configs[name], production[name]
@@ -199,7 +239,7 @@ def test_cpu_flavour_agrees_with_production(production, cpu, name):
     assert derived.max_batch_size == original.max_batch_size
     assert derived.dynamic_batching == original.dynamic_batching
     assert [i.allow_ragged_batch for i in derived.input] == [i.allow_ragged_batch for i in original.input]
-    if name == io.ENSEMBLE:
+    if name in ENSEMBLES:
         assert model_kind(derived) == "ensemble"
     else:
         assert model_kind(derived) == "python"
@@ -208,20 +248,23 @@ def test_cpu_flavour_agrees_with_production(production, cpu, name):
 
 def test_cpu_flavour_ensemble_runs_fp32(cpu):
     _, _, names, cpu_configs = cpu
-    assert names[-1] == io.ENSEMBLE and sorted(names) == sorted(io.MODELS)
+    assert names[-2:] == [io.ENSEMBLE, io.MASKRCNN_ENSEMBLE] and sorted(names) == sorted(io.ALL_MODELS)
     assert ensemble_wiring(cpu_configs) == [io.VALIDATE, io.PREPROCESS, io.MODEL_FP32, io.POSTPROCESS]
+    assert ensemble_wiring(cpu_configs, io.MASKRCNN_ENSEMBLE) == list(io.MASKRCNN_MODELS[:-1])
 
 
 def test_cpu_flavour_reuses_production_code_and_weights(cpu):
     production, target, _, _ = cpu
     for name in (io.MODEL_FP32, io.MODEL_FP16):
         assert (target / name / "1" / io.TORCHSCRIPT_FILE).resolve() == (production / name / "1" / io.TORCHSCRIPT_FILE).resolve()
-    for name, file in ((io.POSTPROCESS, "model.py"), (io.POSTPROCESS, io.LABELS_FILE), (io.VALIDATE, "model.py")):
+    for name, file in ((io.POSTPROCESS, "model.py"), (io.POSTPROCESS, io.LABELS_FILE), (io.VALIDATE, "model.py"),
+                       (io.MASKRCNN_MODEL, io.TORCHSCRIPT_FILE), (io.MASKRCNN_PREPROCESS, io.RESIZE_FILE),
+                       (io.MASKRCNN_POSTPROCESS, "model.py"), (io.MASKRCNN_POSTPROCESS, io.LABELS_FILE)):
         assert (target / name / "1" / file).resolve() == (production / name / "1" / file).resolve()
     # Generated model.py files import an existing class of cpu_models (which imports only in a stub).
     classes = {node.name for node in ast.parse(Path(served_repository.__file__).with_name("cpu_models.py").read_text()).body
                if isinstance(node, ast.ClassDef)}
-    for name in (io.PREPROCESS, io.MODEL_FP32, io.MODEL_FP16):
+    for name in (io.PREPROCESS, io.MODEL_FP32, io.MODEL_FP16, io.MASKRCNN_PREPROCESS, io.MASKRCNN_MODEL):
         (statement,) = [n for n in ast.parse((target / name / "1" / "model.py").read_text()).body]
         assert statement.module == "ssd_train.serving.cpu_models"
         assert statement.names[0].name in classes and statement.names[0].asname == "TritonPythonModel"

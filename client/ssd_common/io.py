@@ -55,7 +55,40 @@ ONNX_FILE = "model.onnx"
 DALI_FILE = "model.dali"
 LABELS_FILE = "labels.json"  # in the postprocess model's version folder
 
-# Mask R-CNN's served model (ssd_train.models.maskrcnn.export.ServedMaskRCNN; its ensemble is still to
-# come): its input and output tensors, in order, as the ONNX export names them.
-MASKRCNN_MODEL_INPUTS = ("IMAGES", "IMAGE_SIZES")  # FP32 [N, 3, H, W] resized + normalised; INT64 [N, 2]
-MASKRCNN_MODEL_OUTPUTS = ("BOXES", "SCORES", "LABELS", "MASKS", "COUNTS")  # masks FP32 [N, 100, 28, 28]
+# ------------------------------------------------------------------------------------------------
+# Mask R-CNN: a second ensemble beside SSD300's, with the same public conventions (IMAGE in; boxes in
+# original pixels, scores, dataset category ids and a count out, zero-padded) plus instance masks.
+MASKRCNN_ENSEMBLE = "maskrcnn"
+MASKRCNN_PREPROCESS = "maskrcnn_preprocess"  # DALI: decode, resize keeping the aspect ratio, normalise, pad
+MASKRCNN_MODEL = "maskrcnn_fp32"  # TorchScript ServedMaskRCNN (ssd_train.models.maskrcnn.export)
+MASKRCNN_POSTPROCESS = "maskrcnn_postprocess"  # python: boxes to original pixels, masks pasted, RLE
+# The image check (VALIDATE) is shared: the same limits guard both ensembles.
+MASKRCNN_MODELS = (VALIDATE, MASKRCNN_PREPROCESS, MASKRCNN_MODEL, MASKRCNN_POSTPROCESS, MASKRCNN_ENSEMBLE)
+MASKRCNN_MAX_BATCH_SIZE = 8  # NVIDIA's Mask R-CNN inference batch per GPU
+MASKRCNN_MAX_DETECTIONS = 100  # detections per image (the RoI heads' detections_per_img)
+MASKRCNN_MASK_SIZE = 28  # the mask head's resolution
+
+# Preprocess outputs (IMAGE_SIZE as SSD300's: the original INT32 (height, width)).
+RESIZED_SIZE = "RESIZED_SIZE"  # INT64 [2]: (height, width) after the resize, before padding
+# PREPROCESSED_IMAGE: FP32 [3, H, W], the batch zero-padded to its largest height and width rounded up
+# to multiples of 32 (as torchvision batches), so a dynamic batch shares one shape.
+RESIZE_FILE = "resize.json"  # in the preprocess model's version folder: the checkpoint's min/max size
+# The served model's tensors, in order; TorchScript takes and returns them by position (libtorch's
+# INPUT__i / OUTPUT__i in its config), ONNX by these names.
+MASKRCNN_MODEL_INPUTS = ("IMAGES", "IMAGE_SIZES")  # FP32 [N, 3, H, W]; INT64 [N, 2] (RESIZED_SIZE)
+# boxes FP32 [N, 100, 4] resized pixels, scores FP32 [N, 100], labels INT64 [N, 100] contiguous,
+# masks FP32 [N, 100, 28, 28] probabilities (not pasted), counts INT64 [N, 1]
+MASKRCNN_MODEL_OUTPUTS = ("BOXES", "SCORES", "LABELS", "MASKS", "COUNTS")
+MASKRCNN_LIBTORCH_INPUTS = ("INPUT__0", "INPUT__1")
+MASKRCNN_LIBTORCH_OUTPUTS = tuple(f"OUTPUT__{i}" for i in range(len(MASKRCNN_MODEL_OUTPUTS)))
+# The postprocess step takes the model's outputs under MASKRCNN_MODEL_OUTPUTS' names, RESIZED_SIZE and
+# IMAGE_SIZE, and gives DETECTION_BOXES [100, 4], DETECTION_SCORES [100], DETECTION_CLASSES [100],
+# NUM_DETECTIONS [1] (as SSD300's, 100 rows) and:
+DETECTION_MASKS = "DETECTION_MASKS"  # BYTES [100]: each detection's mask at the original image size as
+# COCO compressed RLE counts (the string pycocotools writes; size = IMAGE_SIZE), b"" for padding.
+MASKRCNN_OUTPUTS = (*DETECTION_OUTPUTS, DETECTION_MASKS, IMAGE_SIZE)  # the ensemble's outputs
+MASKRCNN_OUTPUT_DTYPES = {**ENSEMBLE_OUTPUT_DTYPES, DETECTION_MASKS: "BYTES", IMAGE_SIZE: "INT32"}
+
+# Every ensemble of the repository: its public name -> the models it needs (the ensemble last).
+ENSEMBLES = {ENSEMBLE: MODELS, MASKRCNN_ENSEMBLE: MASKRCNN_MODELS}
+ALL_MODELS = tuple(dict.fromkeys(name for models in ENSEMBLES.values() for name in models))

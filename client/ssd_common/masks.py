@@ -21,6 +21,18 @@ def encode_mask(mask: np.ndarray) -> dict:
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
 
 
+def encode_masks(masks: np.ndarray) -> list[bytes]:
+    """N bool/uint8 (H, W) masks of one image -> each one's compressed COCO RLE counts (bytes), in one
+    pycocotools call; the size is the image's."""
+    masks = np.asarray(masks)
+    if masks.ndim != 3:
+        raise ValueError(f"masks must be 3-D (n, height, width), not shape {masks.shape}")
+    if len(masks) == 0:
+        return []
+    rles = mask_util.encode(np.asfortranarray((masks != 0).transpose(1, 2, 0), dtype=np.uint8))
+    return [rle["counts"] for rle in rles]
+
+
 def decode_mask(rle: dict) -> np.ndarray:
     """COCO RLE (compressed counts as str or bytes, or a list of runs) -> bool (H, W) mask.
     Malformed input raises ValueError with a one-line message."""

@@ -95,7 +95,7 @@ def decode_preprocess(encoded, device: str):
     return resize_normalize(decoded, device), size
 
 
-def _check_device(device: str) -> None:
+def check_device(device: str) -> None:
     if device not in ("cpu", "gpu"):
         raise ValueError(f"device must be 'cpu' or 'gpu', not {device!r}")
 
@@ -107,7 +107,7 @@ def _check_device(device: str) -> None:
 def inference_graph(device: str = "cpu"):
     """The inference graph, for use inside a `pipeline_def`: input `IMAGE` (uint8, 1-D encoded
     bytes per sample), outputs (PREPROCESSED_IMAGE, IMAGE_SIZE)."""
-    _check_device(device)
+    check_device(device)
     encoded = fn.external_source(name=io.IMAGE, dtype=types.UINT8, ndim=1, device="cpu")
     return decode_preprocess(encoded, device)
 
@@ -122,7 +122,7 @@ def inference_pipeline(
     """A (not yet built) DALI pipeline running `inference_graph`: feed `io.IMAGE`, run, get
     (images float32 N x 3 x 300 x 300, sizes int32 N x 2). Batches may hold fewer than
     `batch_size` samples."""
-    _check_device(device)
+    check_device(device)
     if device == "gpu" and device_id is None:
         device_id = 0
     if device == "cpu":
@@ -199,18 +199,20 @@ class Preprocessor:
         num_threads: int = 2,
         device_id: int | None = None,
     ):
-        _check_device(device)
+        check_device(device)
         self.batch_size = batch_size
         self.device = device
         self.num_threads = num_threads
         self.device_id = device_id
         self._pipe = None
 
+    def _build_pipeline(self):
+        """The pipeline to run (subclasses run another graph with the same checks and recovery)."""
+        return inference_pipeline(self.batch_size, self.device, self.num_threads, self.device_id)
+
     def _pipeline(self):
         if self._pipe is None:
-            pipe = inference_pipeline(
-                self.batch_size, self.device, self.num_threads, self.device_id
-            )
+            pipe = self._build_pipeline()
             pipe.build()
             self._pipe = pipe
         return self._pipe
@@ -253,7 +255,7 @@ class Preprocessor:
             return images[0], sizes[0]
         return np.concatenate(images), np.concatenate(sizes)
 
-    def _run_batch(self, samples, offset: int) -> tuple[np.ndarray, np.ndarray]:
+    def _run_batch(self, samples, offset: int) -> tuple[np.ndarray, ...]:
         try:
             return self._run_once(samples)
         except Exception as err:  # DALI raises RuntimeError; the object is now unusable
@@ -263,11 +265,10 @@ class Preprocessor:
             where = f"input {offset + bad}" if bad is not None else "a batch"
             raise ImageDecodeError(f"{where}: cannot decode image ({_dali_reason(err)})") from None
 
-    def _run_once(self, samples) -> tuple[np.ndarray, np.ndarray]:
+    def _run_once(self, samples) -> tuple[np.ndarray, ...]:
         pipe = self._pipeline()
         pipe.feed_input(io.IMAGE, samples)
-        images, sizes = pipe.run()
-        return _to_numpy(images), _to_numpy(sizes)
+        return tuple(_to_numpy(output) for output in pipe.run())
 
     def _find_bad(self, samples) -> int | None:
         """Which sample breaks the pipeline (error path only: one fresh run per sample until one
@@ -479,7 +480,7 @@ def _epoch_seed(seed: int, epoch: int, salt: int = 0) -> int:
 
 
 def _pipeline_device_id(device: str, device_id: int | None) -> int | None:
-    _check_device(device)
+    check_device(device)
     if device == "cpu":
         return None
     if device_id is not None:

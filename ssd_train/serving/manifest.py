@@ -1,10 +1,11 @@
-"""The export manifest: which weight files one `ssd-train export` wrote, with their SHA-256.
+"""The export manifest: which weight files the exports of a repository wrote, with their SHA-256.
 
 Export writes `manifest.json` at the repository's root last, after every file it lists is in place;
 `ssd-serve` checks the repository against it before starting a server. A mixed or stale set -- an
 export that died half-way, a model.pt copied in by hand, an old fp16 model left beside a new fp32
 one -- is refused with one line saying to export again, instead of serving models that disagree.
-Configs and model code are not listed: operators may tune them. Pure Python.
+Configs and model code are not listed: operators may tune them. A repository serving both detectors
+has one manifest: each detector's export replaces its own entries and keeps the other's. Pure Python.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from ssd_train.files import atomic_write
 MANIFEST_FILE = "manifest.json"
 FORMAT = "ssd300-triton-export/1"
 # What export writes into the models' version folders.
-ARTIFACTS = (io.TORCHSCRIPT_FILE, io.ONNX_FILE, io.LABELS_FILE)
+ARTIFACTS = (io.TORCHSCRIPT_FILE, io.ONNX_FILE, io.LABELS_FILE, io.RESIZE_FILE)
 
 
 class ManifestError(ValueError):
@@ -38,22 +39,23 @@ def file_sha256(path: Path) -> str:
 def artifact_files(repository: Path) -> list[str]:
     """Repository-relative paths of the export artifacts present in the models' version folders."""
     found = []
-    for name in io.MODELS:
+    for name in io.ALL_MODELS:
         for artifact in ARTIFACTS:
             found += [path.relative_to(repository).as_posix() for path in (repository / name).glob(f"*/{artifact}")]
     return sorted(found)
 
 
-def write_manifest(repository: Path, files: list[Path], **details) -> Path:
-    """Record `files` (inside `repository`) with their hashes, atomically; `details` (JSON values)
-    are kept for people reading the file."""
+def write_manifest(repository: Path, files: list[Path], kept: dict | None = None, **details) -> Path:
+    """Record `files` (inside `repository`) with their hashes, and the entries `kept` (of an earlier
+    manifest) as they were, atomically; `details` (JSON values) are kept for people reading the file."""
     repository = Path(repository)
-    entries = {}
+    entries = dict(kept or {})
     for path in sorted(files):
         rel = Path(path).resolve().relative_to(repository.resolve()).as_posix()
         entries[rel] = {"sha256": file_sha256(Path(path)), "bytes": Path(path).stat().st_size}
     manifest = {"format": FORMAT, "written_by": "ssd-train export",
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **details, "files": entries}
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **details,
+                "files": dict(sorted(entries.items()))}
     target = repository / MANIFEST_FILE
     with atomic_write(target, "w") as f:
         f.write(json.dumps(manifest, indent=1) + "\n")

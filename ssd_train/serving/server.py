@@ -28,7 +28,8 @@ Python API (stable: the tests, `ssd_client`'s tests and the perf tools start ser
         server.grpc_url      # "127.0.0.1:43122"  host:port, as tritonclient.grpc takes it
         server.metrics_url   # "http://127.0.0.1:43123/metrics"
         server.flavour       # "gpu" or "cpu"
-        server.models        # the models it loaded, the ensemble last
+        server.models        # the models it loaded, the ensembles last
+        server.ensembles     # the public models among them: "ssd300", "maskrcnn" (those exported)
     # leaving the block stops the server
 
     TritonServer(repository=DEFAULT_REPOSITORY, *, host="127.0.0.1", http_port=8000, grpc_port=8001,
@@ -77,8 +78,8 @@ from ssd_common import io
 from ssd_train.serving import image_check
 from ssd_train.serving.image_check import ImageLimits
 from ssd_train.serving.manifest import ManifestError, verify_repository
-from ssd_train.serving.served_repository import (CONFIG_FILE, PACKAGE_REPOSITORY, VERSION, ConfigError,
-                                                 derive_repository, model_kind, read_config)
+from ssd_train.serving.served_repository import (CONFIG_FILE, EXPORTED_FILES, PACKAGE_REPOSITORY, VERSION,
+                                                 ConfigError, derive_repository, model_kind, read_config)
 from ssd_train.serving.watchdog import remove_leftovers
 
 # The project's model repository (configs and model code in git, weights from `ssd-train export`).
@@ -127,6 +128,7 @@ class TritonServer:
         self.requested_flavour = flavour
         self.flavour: str | None = None
         self.models: list[str] = []
+        self.ensembles: list[str] = []  # the public models served (io.ENSEMBLES), once started
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
         self._log_file = Path(log_file) if log_file else None
@@ -183,7 +185,7 @@ class TritonServer:
         if self._process is not None:
             raise ServeError("this server was already started")
         self.flavour = resolve_flavour(self.requested_flavour)
-        check_weights(self.repository, self.flavour)
+        self.ensembles = check_weights(self.repository, self.flavour)
         try:
             verify_repository(self.repository)
         except ManifestError as err:
@@ -275,7 +277,8 @@ class TritonServer:
             else:
                 binary, backends, env = cpu_server(self._scratch, env)
             # Only the models to serve, with the operator's limits: model control "none" loads them all.
-            self.models = derive_repository(self.repository, repository, self.flavour,
+            models = dict.fromkeys(name for ensemble in self.ensembles for name in io.ENSEMBLES[ensemble])
+            self.models = derive_repository(self.repository, repository, self.flavour, models,
                                             parameters={io.VALIDATE: self.image_limits.as_parameters()})
         except ConfigError as err:
             raise ServeError(str(err)) from None
@@ -372,28 +375,43 @@ def resolve_flavour(flavour: str) -> str:
     return "gpu" if production and gpu_visible() else "cpu"
 
 
-def check_weights(repository: Path, flavour: str) -> None:
-    """ServeError unless `repository` has the configs and the weights its ensemble needs."""
-    missing_configs = [name for name in io.MODELS if not (repository / name / CONFIG_FILE).is_file()]
-    if missing_configs:
-        raise ServeError(f"{repository} is not an SSD300 model repository (no {missing_configs[0]}/{CONFIG_FILE}): "
-                         "ssd-train export into it adds the configs")
-    try:
-        ensemble = read_config(repository / io.ENSEMBLE / CONFIG_FILE)
-        steps = [step.model_name for step in ensemble.ensemble_scheduling.step]
-        if flavour == "cpu":  # the CPU flavour's ensemble runs fp32 (served_repository.py)
-            steps = [io.MODEL_FP32 if s in (io.MODEL_FP32, io.MODEL_FP16) else s for s in steps]
-        needed = [(io.POSTPROCESS, io.LABELS_FILE)]
-        for step in steps:
-            if model_kind(read_config(repository / step / CONFIG_FILE)) == "pytorch_libtorch":
-                needed.append((step, io.TORCHSCRIPT_FILE))
-    except ConfigError as err:
-        raise ServeError(str(err)) from None
-    missing = [f"{model}/{VERSION}/{file}" for model, file in needed if not (repository / model / VERSION / file).is_file()]
-    if missing:
-        hint = " (the GPU ensemble runs fp16: --precision both)" if f"{io.MODEL_FP16}/" in missing[-1] else ""
+def check_weights(repository: Path, flavour: str) -> list[str]:
+    """The ensembles of `repository` that can be served: their configs are there and so are the weights
+    their steps need (an ensemble export has not written is left out). ServeError when there is none."""
+    present = [name for name in io.ENSEMBLES if (repository / name / CONFIG_FILE).is_file()]
+    if not present:
+        raise ServeError(f"{repository} is not a model repository of ours (no {io.ENSEMBLE}/{CONFIG_FILE} or "
+                         f"{io.MASKRCNN_ENSEMBLE}/{CONFIG_FILE}): ssd-train export into it adds the configs")
+    servable, missing = [], []
+    for ensemble in present:
+        missing_files = [f for f in needed_files(repository, ensemble, flavour) if not (repository / f).is_file()]
+        missing += missing_files
+        if not missing_files:
+            servable.append(ensemble)
+    if not servable:
+        hint = " (the GPU ensemble runs fp16: --precision both)" if any(f.startswith(f"{io.MODEL_FP16}/")
+                                                                        for f in missing) else ""
         raise ServeError(f"{repository} has no exported weights ({', '.join(missing)} missing): "
                          f"run ssd-train export first{hint}")
+    return servable
+
+
+def needed_files(repository: Path, ensemble: str, flavour: str) -> list[str]:
+    """Repository-relative files export writes that `ensemble`'s steps need to be served."""
+    try:
+        config = read_config(repository / ensemble / CONFIG_FILE)
+        steps = [step.model_name for step in config.ensemble_scheduling.step]
+        if flavour == "cpu":  # the CPU flavour's ensemble runs fp32 (served_repository.py)
+            steps = [io.MODEL_FP32 if s in (io.MODEL_FP32, io.MODEL_FP16) else s for s in steps]
+        needed = []
+        for step in steps:
+            files = list(EXPORTED_FILES.get(step, ()))
+            if model_kind(read_config(repository / step / CONFIG_FILE)) == "pytorch_libtorch":
+                files.append(io.TORCHSCRIPT_FILE)
+            needed += [f"{step}/{VERSION}/{file}" for file in files]
+    except ConfigError as err:
+        raise ServeError(str(err)) from None
+    return needed
 
 
 def cpu_server(scratch: Path, env: dict) -> tuple[Path, Path, dict]:
@@ -520,7 +538,8 @@ def main(argv=None) -> None:
                   help="An extra tritonserver option, e.g. --triton-arg=--log-format=ISO8601 (repeatable).")
     def serve(model_repository, http_port, grpc_port, metrics_port, host, flavour, startup_timeout, max_image_pixels,
               max_image_bytes, max_request_bytes, allow_shared_memory, admin_key, log_file, log_verbose, triton_args):
-        """Serve the SSD300 ensemble with a real Triton Inference Server until Ctrl-C / SIGTERM."""
+        """Serve the exported ensembles (SSD300, Mask R-CNN) with a real Triton Inference Server until Ctrl-C /
+        SIGTERM."""
         limits = image_check.ImageLimits(max_image_pixels, max_image_bytes, max_request_bytes)
         try:
             server = TritonServer(model_repository, host=host, http_port=http_port, grpc_port=grpc_port,
@@ -537,7 +556,7 @@ def main(argv=None) -> None:
             management = "with the admin key" if admin_key else "closed"
             click.echo(f"serving {', '.join(server.models)} ({server.flavour} flavour)\n"
                        f"  HTTP     {server.http_url}\n  gRPC     {server.grpc_url}\n"
-                       f"  metrics  {server.metrics_url}\n  model    {io.ENSEMBLE}\n"
+                       f"  metrics  {server.metrics_url}\n  models   {', '.join(server.ensembles)}\n"
                        f"  limits   {limits.describe()}\n"
                        f"  admin    model control, logging, trace: {management}; shared memory: "
                        f"{'open' if allow_shared_memory else management}\n"

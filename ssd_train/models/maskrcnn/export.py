@@ -9,7 +9,7 @@ once each:
   on an already preprocessed batch and returns fixed-size, zero-padded tensors (K = the model's
   detections per image): boxes [N, K, 4] float32 in resized-image pixels, scores [N, K] float32,
   labels [N, K] int64 (contiguous), masks [N, K, M, M] float32 (the mask head's probabilities for each
-  detection's own label, M = 28, not pasted) and counts [N] int64 (valid rows per image, best first).
+  detection's own label, M = 28, not pasted) and counts [N, 1] int64 (valid rows per image, best first).
 - `preprocess` and `postprocess` are the plain-torch reference of the steps around it, with
   GeneralizedRCNNTransform's own math: `postprocess(served(*preprocess(images)))` is what
   `inference.detect(model, images)` returns. The served preprocess (DALI) and postprocess (Python
@@ -24,6 +24,7 @@ built with them).
 """
 
 # No `from __future__ import annotations`: torch.jit.script reads ServedMaskRCNN's annotations as types.
+import json
 import logging
 import math
 import os
@@ -41,7 +42,8 @@ from torchvision.models.detection.transform import resize_boxes
 
 from ssd_common import io
 from ssd_train.data import IMAGENET_MEAN, IMAGENET_STD  # GeneralizedRCNNTransform's defaults, kept by build_maskrcnn
-from ssd_train.export import ExportError, _first_line, _quiet_torch, _temp_path
+from ssd_train.export import (ExportError, atomic_write_bytes, first_line, install_configs, label_map_json,
+                              quiet_torch, sample_images, temp_path, write_export_manifest)
 from ssd_train.models.maskrcnn.inference import MASK_THRESHOLD
 from ssd_train.models.maskrcnn.model import MaskRCNNSpec
 
@@ -65,7 +67,7 @@ class ServedMaskRCNN(nn.Module):
     forward(images float32 [N, 3, H, W]: resized, ImageNet-normalised, zero-padded to multiples of 32;
             image_sizes int64 [N, 2]: each image's resized (height, width) before padding)
       -> boxes float32 [N, K, 4] xyxy in resized-image pixels, scores float32 [N, K],
-         labels int64 [N, K], masks float32 [N, K, 28, 28] probabilities, counts int64 [N];
+         labels int64 [N, K], masks float32 [N, K, 28, 28] probabilities, counts int64 [N, 1];
     rows past counts[i] are zeros. Detections come in the RoI heads' order (by score, best first).
     The wrapper shares the model's modules (and puts them in eval mode)."""
 
@@ -97,7 +99,7 @@ class ServedMaskRCNN(nn.Module):
             # counts as a sum, not torch.tensor(list of ints): a trace (ONNX) would freeze such a list
             valid.append(nn.functional.pad(torch.ones_like(found["labels"]), [0, pad]))
         return (torch.stack(boxes), torch.stack(scores), torch.stack(labels), torch.stack(masks),
-                torch.stack(valid).sum(1))
+                torch.stack(valid).sum(1, keepdim=True))
 
     @torch.jit.unused
     def _traced_shapes(self, image_sizes: Tensor) -> list[tuple[int, int]]:
@@ -154,6 +156,51 @@ def postprocess(boxes: Tensor, scores: Tensor, labels: Tensor, masks: Tensor, co
 
 
 # ----------------------------------------------------------------------------------------------
+# The model repository
+
+
+def export_repository(checkpoint, repository, precisions=("fp32",), onnx: bool = False) -> list[Path]:
+    """`ssd-train export` of a Mask R-CNN checkpoint into `repository`: the configs where it has none,
+    `maskrcnn_fp32/1/model.pt` (and with `onnx`, `model.onnx` beside it: fixed batch 1, a hand-off
+    artifact), the label map for the postprocess, the checkpoint's resize sizes for the preprocess, and
+    last the manifest. Each model file is verified on the sample photos before it replaces anything."""
+    from ssd_train.models.maskrcnn.inference import decode_image
+    from ssd_train.models.maskrcnn.train import load_for_inference
+
+    precisions = tuple(dict.fromkeys(precisions))
+    if precisions != ("fp32",):
+        raise ExportError(f"Mask R-CNN exports fp32 only, not {', '.join(p for p in precisions if p != 'fp32')}: "
+                          "half-precision convolutions are slower than fp32 on the CPU this export verifies on")
+    repository = Path(repository)
+    try:
+        model, label_map, info = load_for_inference(checkpoint)
+    except ValueError as err:  # CheckpointError, SpecError, LabelMapError: one line each
+        raise ExportError(str(err)) from None
+    spec = info["spec"]
+    written = install_configs(repository, io.MASKRCNN_MODELS)
+    images = [decode_image(data) for data in sample_images()]
+    version = repository / io.MASKRCNN_MODEL / "1"
+    written.append(export_torchscript(model, spec, version / io.TORCHSCRIPT_FILE, images))
+    if onnx:
+        written.append(export_onnx(model, spec, version / io.ONNX_FILE, images, batch_size=1))
+    written.append(atomic_write_bytes(repository / io.MASKRCNN_POSTPROCESS / "1" / io.LABELS_FILE,
+                                      label_map_json(label_map)))
+    written.append(atomic_write_bytes(repository / io.MASKRCNN_PREPROCESS / "1" / io.RESIZE_FILE,
+                                      resize_json(spec.min_size, spec.max_size)))
+    written.append(write_export_manifest(repository, "maskrcnn", io.MASKRCNN_MODELS[1:], written,
+                                         checkpoint=str(checkpoint), precisions=["fp32"],
+                                         classes=label_map.num_classes, backbone=spec.backbone,
+                                         min_size=spec.min_size, max_size=spec.max_size))
+    log.info("exported Mask R-CNN (%s, %d classes) to %s", spec.backbone, label_map.num_classes, repository)
+    return written
+
+
+def resize_json(min_size: int, max_size: int) -> bytes:
+    """The preprocess model's `io.RESIZE_FILE`: the sizes the checkpoint was trained with."""
+    return (json.dumps({"min_size": int(min_size), "max_size": int(max_size)}) + "\n").encode()
+
+
+# ----------------------------------------------------------------------------------------------
 # TorchScript
 
 
@@ -177,12 +224,12 @@ def export_torchscript(model: nn.Module, spec: MaskRCNNSpec, path, sample_images
     inputs = preprocess(sample_images, spec)
     started = time.perf_counter()
     try:
-        with _quiet_torch():
+        with quiet_torch():
             scripted = torch.jit.script(served)
     except Exception as err:  # the compiler raises many types; the first line says what
-        raise ExportError(f"cannot script Mask R-CNN: {_first_line(err)}") from None
-    with torch.no_grad(), _temp_path(path) as tmp:
-        with _quiet_torch():
+        raise ExportError(f"cannot script Mask R-CNN: {first_line(err)}") from None
+    with torch.no_grad(), temp_path(path) as tmp:
+        with quiet_torch():
             torch.jit.save(scripted, str(tmp))
             loaded = torch.jit.load(str(tmp), map_location="cpu").eval()
         differences = check_outputs("the TorchScript file", loaded(*inputs), served(*inputs),
@@ -229,9 +276,9 @@ def export_onnx(model: nn.Module, spec: MaskRCNNSpec, path, sample_images: list[
     dynamic["IMAGES"].update({2: "height", 3: "width"})
     started = time.perf_counter()
     worst: dict[str, float] = {}
-    with torch.no_grad(), _temp_path(path) as tmp:
+    with torch.no_grad(), temp_path(path) as tmp:
         try:
-            with _quiet_torch(), warnings.catch_warnings():
+            with quiet_torch(), warnings.catch_warnings():
                 # the exporter's notes on torchvision's tracing paths (torch.tensor of a traced size, advanced
                 # indexing): the verification below runs other sizes than the traced ones
                 warnings.simplefilter("ignore", UserWarning)
@@ -243,7 +290,7 @@ def export_onnx(model: nn.Module, spec: MaskRCNNSpec, path, sample_images: list[
             options.log_severity_level = 4  # a failed run is reported once, as the ExportError below
             session = onnxruntime.InferenceSession(str(tmp), options, providers=["CPUExecutionProvider"])
         except Exception as err:  # exporter, checker and onnxruntime raise many types
-            raise ExportError(f"ONNX export of Mask R-CNN failed: {_first_line(err)}") from None
+            raise ExportError(f"ONNX export of Mask R-CNN failed: {first_line(err)}") from None
         for batch in batches:
             inputs = preprocess(batch, spec)
             try:
@@ -252,7 +299,7 @@ def export_onnx(model: nn.Module, spec: MaskRCNNSpec, path, sample_images: list[
                 why = (" (a dynamic batch: the trace unrolled torchvision's per-image loops to the one image "
                        "it traced)" if batch_size is None else "")
                 raise ExportError(f"onnxruntime cannot run the exported Mask R-CNN on {len(batch)} images of "
-                                  f"{tuple(inputs[0].shape[2:])}{why}: {_first_line(err)}") from None
+                                  f"{tuple(inputs[0].shape[2:])}{why}: {first_line(err)}") from None
             differences = check_outputs("the ONNX model (onnxruntime)", [torch.from_numpy(x) for x in got],
                                         served(*inputs), TOLERANCE["onnx"], float(model.roi_heads.score_thresh))
             worst = {key: max(value, worst.get(key, 0.0)) for key, value in differences.items()}
