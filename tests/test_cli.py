@@ -119,3 +119,19 @@ def test_fit_one_epoch(shapes_dir, tmp_path):
     assert (tmp_path / "epoch_0.pt").is_file()
     events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events] == ["start", "epoch", "eval", "end"]
+
+
+def test_export_of_a_maskrcnn_checkpoint_writes_its_ensemble(tiny_maskrcnn_checkpoint, tmp_path):
+    from ssd_common import io
+
+    repository = tmp_path / "repository"
+    result = run("export", "--checkpoint", tiny_maskrcnn_checkpoint, "--model-repository", repository)
+    assert result.exit_code == 0, result.output
+    assert f"wrote {repository / io.MASKRCNN_MODEL / '1' / io.TORCHSCRIPT_FILE}" in result.output
+    assert json.loads((repository / io.MASKRCNN_PREPROCESS / "1" / io.RESIZE_FILE).read_text()) == {
+        "min_size": 128, "max_size": 160}  # the checkpoint's sizes, for the DALI resize
+    assert not (repository / io.ENSEMBLE).exists()  # only the exported detector's configs
+    assert_one_line_error(run("export", "--checkpoint", tiny_maskrcnn_checkpoint, "--model-repository", repository,
+                              "--precision", "fp16"), "Mask R-CNN exports fp32 only")
+    assert_one_line_error(run("export", "--checkpoint", tiny_maskrcnn_checkpoint, "--model-repository", repository,
+                              "--backbone", "resnet50"), "--backbone is an option of SSD300 checkpoints")

@@ -17,7 +17,8 @@ from PIL import Image
 from ssd_train.models.ssd300.checkpoint import load_for_inference
 from ssd_train.data.dali import Preprocessor
 from ssd_train.export import PACKAGE_REPOSITORY, ExportError, export_model_repository, install_configs
-from ssd_train.models.ssd300.export import sample_batch, write_torchscript
+from ssd_train.models.ssd300.boxes import TOPK_PER_CLASS, postprocess, select
+from ssd_train.models.ssd300.export import ServedSSD300, sample_batch, write_torchscript
 from ssd_common import io
 from ssd_train.serving.manifest import MANIFEST_FILE, ManifestError, verify_repository
 
@@ -104,16 +105,26 @@ def test_the_manifest_refuses_mixed_stale_or_edited_exports(exported, tmp_path):
 
 
 def test_torchscript_matches_eager_on_real_photos(exported, eager, photo_batch):
+    """The served model ends with the postprocess's first half: its candidates, put through the second
+    half, are the detections `postprocess` gives on the eager model's raw outputs."""
     repository, _ = exported
     model, label_map = eager
     traced = torch.jit.load(str(repository / io.MODEL_FP32 / "1" / io.TORCHSCRIPT_FILE))
     with torch.no_grad():
-        locs, scores = traced(photo_batch)  # 3 images; traced with 1
-        expected_locs, expected_scores = model(photo_batch)
-    assert locs.shape == (3, 4, 8732) and scores.shape == (3, label_map.num_classes, 8732)
-    assert locs.dtype == scores.dtype == torch.float32
-    assert relative_error(locs, expected_locs) < 1e-4
+        boxes, scores = traced(photo_batch)  # 3 images; traced with 1
+        expected_boxes, expected_scores = ServedSSD300(model)(photo_batch)
+        expected = postprocess(*model(photo_batch))
+    classes = label_map.num_classes - 1
+    assert boxes.shape == (3, classes, TOPK_PER_CLASS, 4) and scores.shape == (3, classes, TOPK_PER_CLASS)
+    assert boxes.dtype == scores.dtype == torch.float32
+    assert relative_error(boxes, expected_boxes) < 1e-4
     assert relative_error(scores, expected_scores) < 1e-4
+    served = select(scores, boxes)
+    assert torch.equal(served.counts, expected.counts) and torch.equal(served.labels, expected.labels)
+    assert relative_error(served.boxes, expected.boxes) < 1e-4
+    # what crosses from the model to the postprocess step, per image: 1/9 of the raw outputs
+    raw = model(photo_batch[:1])
+    assert (boxes[0].numel() + scores[0].numel()) * 9 < sum(t.numel() for t in raw)
 
 
 def test_onnx_is_valid_and_matches_torchscript(exported, photo_batch):
@@ -125,13 +136,15 @@ def test_onnx_is_valid_and_matches_torchscript(exported, photo_batch):
     onnx.checker.check_model(str(path), full_check=True)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == [io.MODEL_INPUT]
-    assert [o.name for o in session.get_outputs()] == [io.MODEL_LOCS, io.MODEL_SCORES]
-    locs, scores = session.run(None, {io.MODEL_INPUT: photo_batch.numpy()})
+    assert [o.name for o in session.get_outputs()] == [io.MODEL_BOXES, io.MODEL_SCORES]
+    boxes, scores = session.run(None, {io.MODEL_INPUT: photo_batch.numpy()})
     traced = torch.jit.load(str(repository / io.MODEL_FP32 / "1" / io.TORCHSCRIPT_FILE))
     with torch.no_grad():
-        expected = traced(photo_batch)
-    assert relative_error(torch.from_numpy(locs), expected[0]) < 1e-4
-    assert relative_error(torch.from_numpy(scores), expected[1]) < 1e-4
+        expected = select(*reversed(traced(photo_batch)))
+    got = select(torch.from_numpy(scores), torch.from_numpy(boxes))
+    assert torch.equal(got.counts, expected.counts) and torch.equal(got.labels, expected.labels)
+    assert relative_error(got.boxes, expected.boxes) < 1e-4
+    assert relative_error(got.scores, expected.scores) < 1e-4
 
 
 @pytest.mark.slow
@@ -144,11 +157,10 @@ def test_fp16_export_casts_inside_and_stays_close_to_fp32(tiny_checkpoint, tmp_p
     traced = torch.jit.load(str(path))
     assert {p.dtype for p in traced.parameters()} == {torch.float16}
     with torch.no_grad():
-        locs, scores = traced(photo_batch[:1])
-        expected = model(photo_batch[:1])
-    assert locs.dtype == scores.dtype == torch.float32
-    assert relative_error(locs, expected[0]) < 1e-2
-    assert relative_error(scores, expected[1]) < 1e-2
+        boxes, scores = traced(photo_batch[:1])
+        expected_boxes, expected_scores = ServedSSD300(model)(photo_batch[:1])
+    assert boxes.dtype == scores.dtype == torch.float32
+    assert (scores - expected_scores).abs().max() < 1e-2  # sorted per class: rank by rank
 
 
 class ScalesByBatchSize(torch.nn.Module):
@@ -171,7 +183,7 @@ def test_a_trace_that_disagrees_with_eager_is_an_error_and_writes_nothing(eager,
     path.parent.mkdir(parents=True)
     path.write_bytes(b"previous export")
     with torch.no_grad(), pytest.raises(ExportError, match="disagrees with eager") as error:
-        write_torchscript(module, "fp32", sample, module(sample), path)
+        write_torchscript(module, "fp32", sample, ServedSSD300(module)(sample), path)
     assert "\n" not in str(error.value)
     assert path.read_bytes() == b"previous export"
     assert [p.name for p in path.parent.iterdir()] == [io.TORCHSCRIPT_FILE]

@@ -13,14 +13,13 @@ import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
 from ssd_common import io
-from ssd_train.models.ssd300.boxes import MAX_DETECTIONS, SSD300
+from ssd_train.models.ssd300.boxes import MAX_DETECTIONS, TOPK_PER_CLASS
 from ssd_train.export import PACKAGE_REPOSITORY
 from ssd_train.serving import served_repository
 from ssd_train.serving.image_check import ImageLimits
 from ssd_train.serving.served_repository import (ConfigError, derive_repository, model_kind,
                                                  read_config)
 
-BOXES = SSD300.num_boxes
 FP32, INT32, INT64, UINT8, BYTES = mc.TYPE_FP32, mc.TYPE_INT32, mc.TYPE_INT64, mc.TYPE_UINT8, mc.TYPE_STRING
 SIZE = io.INPUT_SIZE
 DETECTIONS = [
@@ -29,9 +28,10 @@ DETECTIONS = [
     (io.DETECTION_CLASSES, INT32, [MAX_DETECTIONS]),
     (io.NUM_DETECTIONS, INT32, [1]),
 ]
+TOPK = TOPK_PER_CLASS
 MODEL_IO = (
     [(io.MODEL_INPUT, FP32, [3, SIZE, SIZE])],
-    [(io.MODEL_LOCS, FP32, [4, BOXES]), (io.MODEL_SCORES, FP32, [-1, BOXES])],
+    [(io.MODEL_BOXES, FP32, [-1, TOPK, 4]), (io.MODEL_SCORES, FP32, [-1, TOPK])],
 )
 # (inputs, outputs) of each model: (name, type, dims) in config order.
 SIGNATURES = {
@@ -40,7 +40,8 @@ SIGNATURES = {
                     [(io.PREPROCESSED_IMAGE, FP32, [3, SIZE, SIZE]), (io.IMAGE_SIZE, INT32, [2])]),
     io.MODEL_FP32: MODEL_IO,
     io.MODEL_FP16: MODEL_IO,
-    io.POSTPROCESS: ([(io.LOCS, FP32, [4, BOXES]), (io.SCORES, FP32, [-1, BOXES]), (io.IMAGE_SIZE, INT32, [2])],
+    io.POSTPROCESS: ([(io.CANDIDATE_BOXES, FP32, [-1, TOPK, 4]), (io.CANDIDATE_SCORES, FP32, [-1, TOPK]),
+                      (io.IMAGE_SIZE, INT32, [2])],
                      DETECTIONS),
     io.ENSEMBLE: ([(io.IMAGE, UINT8, [-1])], DETECTIONS),
 }

@@ -198,6 +198,7 @@ def test_prints_its_endpoints_and_binds_localhost(serve):
     with urllib.request.urlopen(metrics, timeout=10) as response:
         assert "nv_inference_request_success" in response.read().decode()
     assert "cpu flavour" in "\n".join(serve.output)
+    assert serve.endpoint("models") == io.ENSEMBLE  # the only detector exported into it
 
 
 @pytest.mark.slow

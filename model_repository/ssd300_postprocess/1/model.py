@@ -1,6 +1,7 @@
-"""Triton python-backend model: SSD300 outputs -> detections in original-image pixels.
+"""Triton python-backend model: SSD300's candidates (each class's 200 best boxes, decoded inside the
+TorchScript model by `boxes.candidates`) -> detections in original-image pixels.
 
-Decoding, NMS, pixel scaling and the label -> category id lookup are `ssd_train.models.ssd300.boxes`,
+Threshold + NMS, pixel scaling and the label -> category id lookup are `ssd_train.models.ssd300.boxes.select`,
 `ssd_train.models.ssd300.inference` and `ssd_train.inference`, the code `ssd-train evaluate/predict`
 run. The requests of a dynamic batch go through one `postprocess` call. Inputs arrive through DLPack
 where they are (GPU memory on the GPU server, `FORCE_CPU_ONLY_INPUT_TENSORS: no`), and the work runs
@@ -18,7 +19,7 @@ from torch.utils.dlpack import from_dlpack, to_dlpack
 from ssd_common import io
 from ssd_common.labels import LabelMap
 from ssd_train.inference import category_lookup
-from ssd_train.models.ssd300.boxes import postprocess
+from ssd_train.models.ssd300.boxes import select
 from ssd_train.models.ssd300.inference import scale_to_pixels
 from ssd_train.serving.responses import server_fault
 
@@ -34,7 +35,7 @@ class TritonPythonModel:
 
     def execute(self, requests):
         responses = [None] * len(requests)
-        batch = []  # (request index, locs, scores, sizes)
+        batch = []  # (request index, boxes, scores, sizes)
         for i, request in enumerate(requests):
             try:
                 batch.append((i, *self._inputs(request)))
@@ -50,25 +51,25 @@ class TritonPythonModel:
         return responses
 
     def _inputs(self, request):
-        locs, scores, sizes = (
+        boxes, scores, sizes = (
             from_dlpack(pb_utils.get_input_tensor_by_name(request, name).to_dlpack()).to(self.device)
-            for name in (io.LOCS, io.SCORES, io.IMAGE_SIZE)
+            for name in (io.CANDIDATE_BOXES, io.CANDIDATE_SCORES, io.IMAGE_SIZE)
         )
-        if scores.shape[1] != self.label_map.num_classes:
+        if scores.shape[1] != self.label_map.num_classes - 1:
             raise ValueError(
-                f"{io.SCORES} has {scores.shape[1]} classes but {io.LABELS_FILE} describes "
-                f"{self.label_map.num_classes} (background included): re-run ssd-train export"
+                f"{io.CANDIDATE_SCORES} has {scores.shape[1]} classes but {io.LABELS_FILE} describes "
+                f"{self.label_map.num_classes - 1} (background left out): re-run ssd-train export"
             )
-        return locs, scores, sizes
+        return boxes, scores, sizes
 
     def _detect(self, batch):
-        locs, scores, sizes = (torch.cat([item[k] for item in batch]) for k in (1, 2, 3))
-        detections = scale_to_pixels(postprocess(locs, scores), sizes)
+        boxes, scores, sizes = (torch.cat([item[k] for item in batch]) for k in (1, 2, 3))
+        detections = scale_to_pixels(select(scores, boxes), sizes)
         classes = self.categories[detections.labels]  # label 0 (padding) -> 0
         counts = detections.counts.to(torch.int32)[:, None]
         outputs, start = [], 0
-        for _, item_locs, _, _ in batch:
-            rows = slice(start, start + len(item_locs))
+        for _, item_boxes, _, _ in batch:
+            rows = slice(start, start + len(item_boxes))
             start = rows.stop
             tensors = {
                 io.DETECTION_BOXES: detections.boxes[rows],

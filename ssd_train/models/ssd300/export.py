@@ -1,11 +1,12 @@
 """SSD300's export (`ssd-train export` of an SSD300 checkpoint; shared steps in `ssd_train.export`).
 
 Writes, each verified before it replaces anything (temp file + rename):
-- `ssd300_fp32/1/model.pt` and `ssd300_fp16/1/model.pt`: traced TorchScript. Both take and return
-  float32 (`io.MODEL_INPUT` -> `io.MODEL_LOCS`, `io.MODEL_SCORES`); the fp16 module casts inside.
-  Each traced file is reloaded and compared with the eager fp32 model on real preprocessed images
-  (synthetic photos run through the DALI preprocessing the server uses), at another batch size
-  than it was traced with.
+- `ssd300_fp32/1/model.pt` and `ssd300_fp16/1/model.pt`: traced TorchScript of `ServedSSD300`, the
+  model followed by the first half of the postprocess (`boxes.candidates`: each class's 200 best
+  boxes, decoded). Both take and return float32 (`io.MODEL_INPUT` -> `io.MODEL_BOXES`,
+  `io.MODEL_SCORES`); the fp16 module casts inside. Each traced file is reloaded and compared with
+  the eager fp32 module on real preprocessed images (synthetic photos run through the DALI
+  preprocessing the server uses), at another batch size than it was traced with.
 - `ssd300_postprocess/1/labels.json`: the label map (contiguous label -> dataset category id).
 - with `onnx=True`, `ssd300_fp32/1/model.onnx` (float32, dynamic batch, the same tensor names):
   checked by `onnx.checker` and, when onnxruntime is installed, against the TorchScript outputs.
@@ -30,13 +31,14 @@ from torch import nn
 from ssd_common import io
 from ssd_train.export import (ExportError, atomic_write_bytes, first_line, install_configs, label_map_json,
                               quiet_torch, sample_images, temp_path, write_export_manifest)
+from ssd_train.models.ssd300.boxes import candidates
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16")
-# Largest traced-vs-eager (fp32 model) difference accepted, as a fraction of the output's range.
-# fp32: a trace runs eager's kernels, only batch-size dependent kernel choices move the last bits.
-# fp16: rounding moves SSD300's outputs by ~1e-3; broken traces, casts or overflow by far more.
+# Largest traced-vs-eager (fp32 module) difference accepted in the candidates (scores are probabilities,
+# boxes lie in [0, 1]). fp32: a trace runs eager's kernels, only batch-size dependent kernel choices move
+# the last bits. fp16: rounding moves SSD300's outputs by ~1e-3; broken traces, casts or overflow by far more.
 # (fp16 is compared with the fp32 model: a second, eager fp16 run would double the verification
 # time on CPUs, where half-precision convolutions are about 8x slower than fp32.)
 TRACE_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
@@ -44,16 +46,20 @@ ONNX_TOLERANCE = 1e-4
 ONNX_OPSET = 17
 
 
-class HalfPrecision(nn.Module):
-    """fp16 weights and compute behind a float32 interface, so fp32 and fp16 models are drop-ins."""
+class ServedSSD300(nn.Module):
+    """What the served model runs: SSD300 at `precision` behind a float32 interface (fp16 weights and
+    compute inside, so fp32 and fp16 models are drop-ins), then `boxes.candidates`. Returns
+    (boxes float32 [N, C-1, K, 4], scores float32 [N, C-1, K])."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, precision: str = "fp32"):
         super().__init__()
-        self.model = copy.deepcopy(model).half()
+        self.half = precision == "fp16"
+        self.model = copy.deepcopy(model).half() if self.half else model
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        locs, scores = self.model(images.half())
-        return locs.float(), scores.float()
+        locs, scores = self.model(images.half() if self.half else images)
+        top_scores, top_boxes = candidates(locs.float(), scores.float())
+        return top_boxes, top_scores
 
 
 def export_repository(
@@ -70,7 +76,7 @@ def export_repository(
     written = install_configs(repository, io.MODELS)
     sample = sample_batch()
     with torch.no_grad():
-        eager = onnx_reference = model(sample)
+        eager = onnx_reference = ServedSSD300(model)(sample)
         for precision in precisions:
             path = repository / io.model_name(precision) / "1" / io.TORCHSCRIPT_FILE
             path, outputs = write_torchscript(model, precision, sample, eager, path)
@@ -79,7 +85,7 @@ def export_repository(
                 onnx_reference = outputs  # ONNX is checked against the TorchScript file's outputs
         if onnx:
             path = repository / io.MODEL_FP32 / "1" / io.ONNX_FILE
-            written.append(write_onnx(model, sample, onnx_reference, path))
+            written.append(write_onnx(ServedSSD300(model), sample, onnx_reference, path))
     labels = repository / io.POSTPROCESS / "1" / io.LABELS_FILE
     written.append(atomic_write_bytes(labels, label_map_json(label_map)))
     # Last: the manifest makes the files above one consistent set (ssd-serve checks it).
@@ -124,13 +130,13 @@ def sample_batch() -> torch.Tensor:
 
 
 def traceable(model: nn.Module, precision: str) -> nn.Module:
-    return HalfPrecision(model).eval() if precision == "fp16" else model
+    return ServedSSD300(model, precision).eval()
 
 
 def write_torchscript(model: nn.Module, precision: str, sample: torch.Tensor, reference, path: Path):
-    """Trace `model` at `precision` on one image, save it next to `path`, reload the file and compare
-    its outputs on the whole `sample` with `reference` (the eager fp32 model's) before moving it into
-    place. Returns (path, the saved model's outputs on `sample`)."""
+    """Trace `ServedSSD300(model, precision)` on one image, save it next to `path`, reload the file and
+    compare its outputs on the whole `sample` with `reference` (the eager fp32 module's) before moving it
+    into place. Returns (path, the saved model's outputs on `sample`)."""
     with quiet_torch():
         traced = torch.jit.trace(traceable(model, precision), sample[:1], check_trace=False)
     with temp_path(path) as tmp:
@@ -141,27 +147,43 @@ def write_torchscript(model: nn.Module, precision: str, sample: torch.Tensor, re
         error = _check_close(f"{io.model_name(precision)} TorchScript", "eager", outputs, reference,
                              TRACE_TOLERANCE[precision])
         os.replace(tmp, path)
-    log.info("wrote %s (differs from eager fp32 by %.1e of the output range)", path, error)
+    log.info("wrote %s (differs from eager fp32 by %.1e at most)", path, error)
     return path, outputs
 
 
 def _check_close(what: str, against: str, got, expected, tolerance: float) -> float:
-    """ExportError unless `got` matches `expected` within `tolerance` of its range; the largest error."""
-    worst = 0.0
-    for name, g, e in zip((io.MODEL_LOCS, io.MODEL_SCORES), got, expected):
+    """ExportError unless the candidates `got` (boxes, scores) match `expected` within `tolerance`
+    (scores are probabilities and boxes lie in [0, 1]: absolute); the largest difference.
+
+    Each class's scores are sorted, so they compare rank by rank even where rounding swaps two near-equal
+    candidates. A box that differs from the expected box of its rank must equal an expected box of the
+    same image and class whose score is within `tolerance` of its own (a swapped near-tie), or sit at the
+    end of the list with a score within `tolerance` of the last expected one (a candidate rounding let
+    in, in place of another)."""
+    names = (io.MODEL_BOXES, io.MODEL_SCORES)
+    for name, g, e in zip(names, got, expected):
         if g.shape != e.shape:
             raise ExportError(f"{what} gives {name} of shape {tuple(g.shape)}, {against} {tuple(e.shape)}")
         if not torch.isfinite(g).all():
             raise ExportError(f"{what} gives non-finite {name} on the sample images (fp16 overflow?); "
                               "nothing was written")
-        error = ((g.float() - e.float()).abs().max() / e.abs().max().clamp(min=1e-6)).item()
-        if error > tolerance:
-            raise ExportError(
-                f"{what} disagrees with {against} on the sample images: {name} differs by "
-                f"{error:.1e} of its range (tolerance {tolerance:.0e}); nothing was written"
-            )
-        worst = max(worst, error)
-    return worst
+    (g_boxes, g_scores), (e_boxes, e_scores) = ([t.float() for t in pair] for pair in (got, expected))
+    score_error = (g_scores - e_scores).abs().max().item()
+    if score_error > tolerance:
+        raise ExportError(f"{what} disagrees with {against} on the sample images: {io.MODEL_SCORES} differs by "
+                          f"{score_error:.1e} (tolerance {tolerance:.0e}); nothing was written")
+    box_error = (g_boxes - e_boxes).abs().amax(-1)  # (N, C-1, K)
+    for image, cls, rank in (box_error > tolerance).nonzero().tolist():
+        score = g_scores[image, cls, rank]
+        near = (e_scores[image, cls] - score).abs() <= tolerance
+        same_box = (e_boxes[image, cls] - g_boxes[image, cls, rank]).abs().amax(-1) <= tolerance
+        at_end = (score - e_scores[image, cls, -1]).abs() <= tolerance
+        if not ((near & same_box).any() or at_end):
+            raise ExportError(f"{what} disagrees with {against} on the sample images: image {image}, class "
+                              f"{cls + 1}, candidate {rank}: box {g_boxes[image, cls, rank].tolist()} is none of "
+                              f"{against}'s (tolerance {tolerance:.0e}); nothing was written")
+    swapped = box_error > tolerance
+    return max(score_error, box_error[~swapped].max().item() if (~swapped).any() else 0.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,11 +191,11 @@ def _check_close(what: str, against: str, got, expected, tolerance: float) -> fl
 
 
 def write_onnx(model: nn.Module, sample: torch.Tensor, reference, path: Path) -> Path:
-    """float32 ONNX with a dynamic batch axis, checked by onnx.checker and (when installed)
-    onnxruntime against `reference` (the TorchScript/eager outputs on `sample`)."""
+    """`model` (a `ServedSSD300`) as float32 ONNX with a dynamic batch axis, checked by onnx.checker and
+    (when installed) onnxruntime against `reference` (the TorchScript/eager outputs on `sample`)."""
     import onnx
 
-    names = (io.MODEL_INPUT, io.MODEL_LOCS, io.MODEL_SCORES)
+    names = (io.MODEL_INPUT, io.MODEL_BOXES, io.MODEL_SCORES)
     with temp_path(path) as tmp:
         try:
             with quiet_torch():
@@ -199,5 +221,5 @@ def _onnxruntime_outputs(path: Path, sample: torch.Tensor):
     except ImportError:
         return None
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    locs, scores = session.run([io.MODEL_LOCS, io.MODEL_SCORES], {io.MODEL_INPUT: sample.numpy()})
-    return torch.from_numpy(locs), torch.from_numpy(scores)
+    boxes, scores = session.run([io.MODEL_BOXES, io.MODEL_SCORES], {io.MODEL_INPUT: sample.numpy()})
+    return torch.from_numpy(boxes), torch.from_numpy(scores)
