@@ -322,7 +322,7 @@ def test_threshold_and_custom_label_names():
 @pytest.mark.parametrize("tc", [httpclient, grpcclient])
 def test_requests_carry_the_padded_batch(tc):
     batch = pad_batch(encode_images([DATA_DIR / "rocket.jpg", DATA_DIR / "astronaut.png"]))
-    inputs, outputs = wire.build_request(tc, batch)
+    inputs, outputs = wire.build_request(tc, batch, ensemble_spec())
     assert [i.name() for i in inputs] == [sio.IMAGE]
     assert inputs[0].shape() == list(batch.shape) and inputs[0].datatype() == "UINT8"
     assert [o.name() for o in outputs] == list(wire.OUTPUT_DTYPES)
@@ -365,7 +365,7 @@ def test_shared_memory_requests_point_at_the_regions(tc):
     try:
         batch = pad_batch(encode_images([DATA_DIR / "rocket.jpg"]))
         slot.grow_input(batch.nbytes)
-        inputs, outputs = wire.build_request(tc, batch, slot)
+        inputs, outputs = wire.build_request(tc, batch, spec, slot)
         params = inputs[0]._get_tensor()["parameters"] if tc is httpclient else inputs[0]._get_tensor().parameters
         region = params["shared_memory_region"]
         assert (region if tc is httpclient else region.string_param) == slot.input.name

@@ -1,5 +1,6 @@
-"""Client for the SSD300 detector served on Triton: `SSDClient` (sync), `AsyncSSDClient` (asyncio) and the
-`ssd-client` CLI. Tensor names and the label map come from `ssd_train`'s torch-free modules.
+"""Client for the detectors served on Triton, SSD300 and Mask R-CNN (`model="maskrcnn"`: detections with
+instance masks): `SSDClient` (sync), `AsyncSSDClient` (asyncio) and the `ssd-client` CLI. Tensor names and
+the label map come from `ssd_common`, torch-free.
 
     from ssd_client import SSDClient
     with SSDClient("localhost:8000") as client:

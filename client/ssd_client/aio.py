@@ -27,7 +27,8 @@ class AsyncSSDClient:
     def __init__(self, url: str | None = None, protocol: str = "http", model: str = io.ENSEMBLE,
                  timeout: float = wire.DEFAULT_TIMEOUT, label_map=None, batch_size: int | None = None,
                  concurrency: int = DEFAULT_CONCURRENCY, shared_memory: bool = False,
-                 retries: int = wire.DEFAULT_RETRIES, retry_backoff: float = wire.DEFAULT_RETRY_BACKOFF):
+                 retries: int = wire.DEFAULT_RETRIES, retry_backoff: float = wire.DEFAULT_RETRY_BACKOFF,
+                 decode_masks: bool = True):
         self.protocol = wire.check_protocol(protocol)
         self.url = wire.normalise_url(url, self.protocol)
         self.model = model
@@ -38,6 +39,7 @@ class AsyncSSDClient:
             raise SSDClientError(f"concurrency must be at least 1, got {concurrency}")
         self.concurrency = int(concurrency)
         self.shared_memory = shared_memory
+        self.decode_masks = decode_masks
         self._requested_batch_size = batch_size
         self._tc = wire.tritonclient_module(self.protocol, asyncio=True)
         self._call_kwargs = wire.infer_kwargs(self.protocol, self.timeout)
@@ -138,11 +140,12 @@ class AsyncSSDClient:
                                  slot.input.name, **self._call_kwargs)
             slot.grow_input(batch.nbytes)
             await self._call(wire.REGISTERING_SHARED_MEMORY, self._register, slot.input)
-        inputs, outputs = wire.build_request(self._tc, batch, slot)
-        action = f"detecting in {wire.describe_images([e.name for e in encoded])}"
-        result = await self._call(action, self._client.infer, self.model, inputs, outputs=outputs,
-                                  **self._call_kwargs)
-        return wire.parse_response(result, len(encoded), self.spec, self.label_map, threshold, slot)
+        inputs, outputs = wire.build_request(self._tc, batch, self.spec, slot)
+        names = [e.name for e in encoded]
+        result = await self._call(f"detecting in {wire.describe_images(names)}", self._client.infer, self.model,
+                                  inputs, outputs=outputs, **self._call_kwargs)
+        return wire.parse_response(result, len(encoded), self.spec, self.label_map, threshold, slot,
+                                   self.decode_masks, names)
 
     async def _register(self, region) -> None:
         # Unregistering first (a no-op for an unknown name) makes a retry safe when the server registered

@@ -65,6 +65,7 @@ class BalancedSSDClient:
             self.close()
             raise
         self.url = ",".join(client.url for client in self.clients)
+        self.spec = self.clients[0].spec  # the servers serve the same model
         self.batch_size = _common_batch_size(self.clients)
         self._rotation = _Rotation(len(self.clients))
 
@@ -104,6 +105,7 @@ class BalancedAsyncSSDClient:
         self.urls = split_urls(urls)
         self.clients = [AsyncSSDClient(url, **options) for url in self.urls]
         self.url = ",".join(client.url for client in self.clients)
+        self.spec = None
         self.batch_size: int | None = None
         self._rotation = _Rotation(len(self.clients))
 
@@ -113,6 +115,7 @@ class BalancedAsyncSSDClient:
         except BaseException:
             await self.close()
             raise
+        self.spec = self.clients[0].spec  # the servers serve the same model
         self.batch_size = _common_batch_size(self.clients)
         return self
 

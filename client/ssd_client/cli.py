@@ -1,4 +1,5 @@
-"""`ssd-client`: detections and COCO mAP from the SSD300 ensemble served by Triton. Thin: parse, call, report."""
+"""`ssd-client`: detections and COCO mAP from the SSD300 or Mask R-CNN ensemble served by Triton. Thin: parse,
+call, report."""
 
 from __future__ import annotations
 
@@ -31,11 +32,12 @@ def server_options(func):
         click.option("--url", default=None, help="Server host:port [default: localhost:8000 (http), :8001 (grpc)]; "
                      "several, separated by commas, share the requests (a:8001,b:8001)."),
         click.option("--protocol", type=click.Choice(PROTOCOLS), default="http", show_default=True),
-        click.option("--model", default=io.ENSEMBLE, show_default=True, help="Served model to call."),
+        click.option("--model", default=io.ENSEMBLE, show_default=True,
+                     help=f"Served model to call: {io.ENSEMBLE} or {io.MASKRCNN_ENSEMBLE} (boxes and masks)."),
         click.option("--timeout", default=DEFAULT_TIMEOUT, show_default=True, help="Seconds per request."),
         click.option("--shared-memory", is_flag=True,
                      help="Pass images and detections through system shared memory (server on this host, "
-                          "started with `ssd-serve --allow-shared-memory`)."),
+                          "started with `ssd-serve --allow-shared-memory`; not with masks)."),
         click.option("--retries", type=click.IntRange(min=0), default=DEFAULT_RETRIES, show_default=True,
                      help="How many times a call is tried again when the server cannot be reached, drops the "
                           "connection or is unavailable (never for a rejected image); 0: no retries."),
@@ -49,7 +51,7 @@ def server_options(func):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def cli():
-    """Detect objects with the SSD300 served on Triton (start it with `ssd-serve`)."""
+    """Detect objects with the SSD300 or Mask R-CNN served on Triton (start it with `ssd-serve`)."""
 
 
 @cli.command()
@@ -58,14 +60,15 @@ def cli():
 @click.option("--threshold", default=0.3, show_default=True, help="Minimum score to report.")
 @click.option("--labels", type=click.Path(dir_okay=False, path_type=Path),
               help="labels.json of the served model (written by `ssd-train export`) [default: COCO].")
-@click.option("--json", "json_lines", is_flag=True, help="One JSON line per detection instead of a table.")
+@click.option("--json", "json_lines", is_flag=True,
+              help="One JSON line per detection instead of a table (with masks: the mask as COCO RLE).")
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Write annotated copies of the images here.")
+              help="Write annotated copies of the images here (boxes, labels and masks).")
 @click.option("--batch-size", type=int, default=None, help="Images per request [default: the server's max batch].")
 @user_errors
 def detect(images, url, protocol, model, timeout, shared_memory, retries, retry_backoff, threshold, labels,
            json_lines, output_dir, batch_size):
-    """Detect objects in IMAGES (files) through the server."""
+    """Detect objects in IMAGES (files) through the server; Mask R-CNN's table gives each mask's area."""
     from ssd_client.balance import open_client
 
     with open_client(url, protocol=protocol, model=model, timeout=timeout, label_map=labels, batch_size=batch_size,
@@ -82,15 +85,19 @@ def detect(images, url, protocol, model, timeout, shared_memory, retries, retry_
 
 
 def format_table(names: list[str], found) -> str:
+    """One row per detection; with masks, a last column with each mask's area in pixels."""
+    masks = any(det.mask is not None for detections in found for det in detections)
     width = max(len("image"), *(len(name) for name in names))
-    lines = [f"{'image':<{width}}  {'category':<16} {'score':>6} {'x1':>8} {'y1':>8} {'x2':>8} {'y2':>8}"]
+    header = f"{'image':<{width}}  {'category':<16} {'score':>6} {'x1':>8} {'y1':>8} {'x2':>8} {'y2':>8}"
+    lines = [header + (f" {'mask px':>8}" if masks else "")]
     for name, detections in zip(names, found):
         if not detections:
             lines.append(f"{name:<{width}}  (no detections)")
         for det in detections:
             x1, y1, x2, y2 = det.box
-            lines.append(f"{name:<{width}}  {det.category_name:<16} {det.score:>6.3f} "
-                         f"{x1:>8.1f} {y1:>8.1f} {x2:>8.1f} {y2:>8.1f}")
+            row = (f"{name:<{width}}  {det.category_name:<16} {det.score:>6.3f} "
+                   f"{x1:>8.1f} {y1:>8.1f} {x2:>8.1f} {y2:>8.1f}")
+            lines.append(row + (f" {int(det.mask.sum()):>8}" if masks else ""))
     return "\n".join(lines)
 
 
@@ -123,9 +130,10 @@ def write_annotated(images, found, output_dir: Path) -> None:
 @user_errors
 def evaluate(data, split, url, protocol, model, timeout, shared_memory, retries, retry_backoff, concurrency,
              batch_size, json_summary, max_failures, progress):
-    """COCO bbox mAP of the served model on a split (every image goes through the server)."""
+    """COCO mAP of the served model on a split (every image goes through the server): bbox, and for
+    Mask R-CNN bbox and segm (masks)."""
     from ssd_client.evaluate import evaluate_split
-    from ssd_common.coco_eval import write_summary
+    from ssd_common.coco_eval import write_instance_summary, write_summary
 
     result = evaluate_split(data, split, url, protocol, concurrency, batch_size or DEFAULT_BATCH_SIZE, progress,
                             max_failures, model=model, timeout=timeout, shared_memory=shared_memory,
@@ -137,11 +145,21 @@ def evaluate(data, split, url, protocol, model, timeout, shared_memory, retries,
         for failure in failures:  # errors about one file often start with its name already
             click.echo(f"  {failure['image']}: {failure['error'].removeprefix(failure['image'] + ': ')}")
     failed = f", {len(failures)} failed" if failures else ""
-    click.echo(f"mAP {result['mAP']:.4f} ({result['images']} images{failed}, {result['detections']} detections "
+    masks = "segm" in result
+    if masks:
+        score = f"bbox mAP {result['bbox_mAP']:.4f}, mask mAP {result['segm_mAP']:.4f}"
+    else:
+        score = f"mAP {result['mAP']:.4f}"
+    click.echo(f"{score} ({result['images']} images{failed}, {result['detections']} detections "
                f"from {model} at {result['url']} over {protocol})")
     if json_summary:
-        write_summary(json_summary, result, split=split, model=model, url=result["url"], images=result["images"],
-                      failures=failures)
+        # The keys of `ssd-train evaluate` for the same detector, and where the numbers come from.
+        extra = {"split": split, "model": model, "url": result["url"], "images": result["images"],
+                 "failures": failures}
+        if masks:
+            write_instance_summary(json_summary, result["bbox"], result["segm"], **extra)
+        else:
+            write_summary(json_summary, result, **extra)
 
 
 def main():

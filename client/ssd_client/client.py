@@ -1,4 +1,5 @@
-"""`SSDClient`: detections from the SSD300 ensemble on a Triton server, over HTTP or gRPC, synchronously."""
+"""`SSDClient`: detections from the SSD300 or Mask R-CNN ensemble on a Triton server, over HTTP or gRPC,
+synchronously."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from ssd_common import io
 
 
 class SSDClient:
-    """A connection to the served SSD300 ensemble.
+    """A connection to a served ensemble: SSD300's (`model="ssd300"`, the default) or Mask R-CNN's
+    (`model="maskrcnn"`, whose detections also carry instance masks).
 
-    Connecting checks that the server is live and that `model` is ready with the ensemble's inputs and
+    Connecting checks that the server is live and that `model` is ready with one ensemble's inputs and
     outputs; any problem raises an `SSDClientError` subclass with a one-line message.
 
     url: "host:port" (default localhost and the protocol's default port, 8000 HTTP / 8001 gRPC).
@@ -24,7 +26,9 @@ class SSDClient:
         `ssd-train export` writes into the postprocess model's folder) or a `LabelMap`.
     batch_size: images per request, at most (and by default) the model's max batch size.
     shared_memory: pass images and detections through system shared memory (server on this host; it must
-        allow it: `ssd-serve --allow-shared-memory`).
+        allow it: `ssd-serve --allow-shared-memory`). SSD300 only: Mask R-CNN's masks have no fixed size.
+    decode_masks: give each Mask R-CNN detection its decoded bool `mask` as well as its `rle`; False keeps
+        the RLE only (less memory and time when the masks go on to COCO evaluation or a file).
     retries: how many times a call is tried again when the server cannot be reached, drops the connection
         or says it is unavailable (never for a rejected request such as a bad image); 0 turns retries off.
     retry_backoff: seconds before the first retry, doubled for each further one (with jitter, capped).
@@ -33,13 +37,14 @@ class SSDClient:
     def __init__(self, url: str | None = None, protocol: str = "http", model: str = io.ENSEMBLE,
                  timeout: float = wire.DEFAULT_TIMEOUT, label_map=None, batch_size: int | None = None,
                  shared_memory: bool = False, retries: int = wire.DEFAULT_RETRIES,
-                 retry_backoff: float = wire.DEFAULT_RETRY_BACKOFF):
+                 retry_backoff: float = wire.DEFAULT_RETRY_BACKOFF, decode_masks: bool = True):
         self.protocol = wire.check_protocol(protocol)
         self.url = wire.normalise_url(url, self.protocol)
         self.model = model
         self.timeout = float(timeout)
         self.retry = wire.RetryPolicy(retries, retry_backoff)
         self.label_map = wire.resolve_label_map(label_map)
+        self.decode_masks = decode_masks
         self._tc = wire.tritonclient_module(self.protocol)
         self._call_kwargs = wire.infer_kwargs(self.protocol, self.timeout)
         self._shm: SharedMemorySlot | None = None
@@ -107,10 +112,12 @@ class SSDClient:
                            self._shm.input.name, **self._call_kwargs)
             self._shm.grow_input(batch.nbytes)
             self._call(wire.REGISTERING_SHARED_MEMORY, self._register, self._shm.input)
-        inputs, outputs = wire.build_request(self._tc, batch, self._shm)
-        action = f"detecting in {wire.describe_images([e.name for e in encoded])}"
-        result = self._call(action, self._client.infer, self.model, inputs, outputs=outputs, **self._call_kwargs)
-        return wire.parse_response(result, len(encoded), self.spec, self.label_map, threshold, self._shm)
+        inputs, outputs = wire.build_request(self._tc, batch, self.spec, self._shm)
+        names = [e.name for e in encoded]
+        result = self._call(f"detecting in {wire.describe_images(names)}", self._client.infer, self.model, inputs,
+                            outputs=outputs, **self._call_kwargs)
+        return wire.parse_response(result, len(encoded), self.spec, self.label_map, threshold, self._shm,
+                                   self.decode_masks, names)
 
     def _register(self, region) -> None:
         # Unregistering first (a no-op for an unknown name) makes a retry safe when the server registered

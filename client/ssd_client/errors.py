@@ -17,7 +17,7 @@ class ModelNotFoundError(SSDClientError):
 
 
 class ModelMismatchError(SSDClientError):
-    """The model exists but its inputs/outputs are not those of the SSD300 ensemble."""
+    """The model exists but its inputs/outputs are not those of the SSD300 or the Mask R-CNN ensemble."""
 
 
 class ImageError(SSDClientError):

@@ -1,12 +1,15 @@
 """The wire, shared by the sync and asyncio clients: URLs, the model check, request building, response
-parsing, error translation and the retry policy. No I/O here; the clients make the calls."""
+parsing, error translation and the retry policy. No I/O here; the clients make the calls.
+
+Two ensembles speak it: SSD300's (boxes, scores, classes, count) and Mask R-CNN's, which adds each
+detection's mask as COCO RLE and the image size; `check_model` tells them apart by their outputs."""
 
 from __future__ import annotations
 
 import http.client
 import importlib
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype
@@ -15,6 +18,7 @@ from ssd_client.errors import (InferenceError, ModelMismatchError, ModelNotFound
                                SSDClientError)
 from ssd_common import io
 from ssd_common.labels import LabelMap, LabelMapError
+from ssd_common.masks import decode_mask
 
 PROTOCOLS = ("http", "grpc")
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001}
@@ -24,22 +28,33 @@ DEFAULT_RETRY_BACKOFF = 0.5  # seconds before the first retry; doubles for each 
 MAX_RETRY_BACKOFF = 10.0
 REGISTERING_SHARED_MEMORY = "registering shared memory"  # the action whose refusal gets a hint
 
-# Triton dtypes of the ensemble's tensors: one source, ssd_common.io.
+# Triton dtypes of the ensembles' tensors: one source, ssd_common.io. Both take the same input.
 INPUT_DTYPES = io.ENSEMBLE_INPUT_DTYPES
-OUTPUT_DTYPES = io.ENSEMBLE_OUTPUT_DTYPES
+OUTPUT_DTYPES = io.ENSEMBLE_OUTPUT_DTYPES  # SSD300's
+MASK_OUTPUT_DTYPES = io.MASKRCNN_OUTPUT_DTYPES  # Mask R-CNN's: SSD300's, DETECTION_MASKS and IMAGE_SIZE
 
 
 @dataclass(frozen=True)
 class Detection:
-    """One detected object; `box` is (x1, y1, x2, y2) in pixels of the original image."""
+    """One detected object; `box` is (x1, y1, x2, y2) in pixels of the original image. From Mask R-CNN,
+    `mask` is its bool (height, width) mask at the image's size and `rle` the same mask as the server sent
+    it, COCO RLE {"size": [h, w], "counts": str}; both None from SSD300. `mask` is None too where the
+    client was told not to decode masks (`decode_masks=False`). Detections compare by their RLE."""
 
     box: tuple[float, float, float, float]
     score: float
     category_id: int
     category_name: str
+    mask: np.ndarray | None = field(default=None, compare=False, repr=False)
+    rle: dict | None = field(default=None, repr=False, hash=False)  # a dict: hashing goes by the rest
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "box": list(self.box)}
+        """JSON-able: the mask as its COCO RLE (what `ssd-train predict` prints and the drawing reads)."""
+        out = {"box": list(self.box), "score": self.score, "category_id": self.category_id,
+               "category_name": self.category_name}
+        if self.rle is not None:
+            out["mask"] = self.rle
+        return out
 
 
 @dataclass(frozen=True)
@@ -49,10 +64,20 @@ class ModelSpec:
     name: str
     max_batch_size: int
     output_shapes: dict  # output name -> per-image shape (no batch dimension)
+    masks: bool = False  # the Mask R-CNN ensemble (instance masks), not SSD300's
+
+    @property
+    def output_dtypes(self) -> dict[str, str]:
+        """The outputs the client requests, with their Triton dtypes."""
+        return MASK_OUTPUT_DTYPES if self.masks else OUTPUT_DTYPES
 
     def output_byte_sizes(self, batch_size: int) -> dict[str, int]:
-        return {name: batch_size * int(np.prod(shape)) * np.dtype(triton_to_np_dtype(OUTPUT_DTYPES[name])).itemsize
-                for name, shape in self.output_shapes.items()}
+        """Bytes of each output for `batch_size` images: fixed-size outputs only (not BYTES masks)."""
+        sizes = {}
+        for name, shape in self.output_shapes.items():
+            itemsize = np.dtype(triton_to_np_dtype(self.output_dtypes[name])).itemsize
+            sizes[name] = batch_size * int(np.prod(shape)) * itemsize
+        return sizes
 
 
 def check_protocol(protocol: str) -> str:
@@ -145,21 +170,25 @@ def tensor_specs(entries) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 
 def check_model(name: str, metadata: dict, config: dict) -> ModelSpec:
-    """The served model must take our IMAGE input and give our detection outputs."""
+    """The served model must take our IMAGE input and give one ensemble's detection outputs: Mask R-CNN's
+    when it has a DETECTION_MASKS output, else SSD300's."""
+    inputs, outputs = tensor_specs(metadata.get("inputs")), tensor_specs(metadata.get("outputs"))
+    masks = io.DETECTION_MASKS in outputs
+    expected = MASK_OUTPUT_DTYPES if masks else OUTPUT_DTYPES
+    kind, ensemble = ("Mask R-CNN", io.MASKRCNN_ENSEMBLE) if masks else ("SSD300", io.ENSEMBLE)
     max_batch_size = int(config.get("max_batch_size", 0))
     if max_batch_size < 1:
         raise ModelMismatchError(f"model {name!r} does not batch (max_batch_size 0); "
-                                 f"the SSD300 ensemble {io.ENSEMBLE!r} does")
-    inputs, outputs = tensor_specs(metadata.get("inputs")), tensor_specs(metadata.get("outputs"))
-    problems = _tensor_problems("input", inputs, INPUT_DTYPES) + _tensor_problems("output", outputs, OUTPUT_DTYPES)
+                                 f"the {kind} ensemble {ensemble!r} does")
+    problems = _tensor_problems("input", inputs, INPUT_DTYPES) + _tensor_problems("output", outputs, expected)
     if set(inputs) != set(INPUT_DTYPES):
         problems.append(f"inputs are {sorted(inputs)}, expected {sorted(INPUT_DTYPES)}")
     if not problems:
-        per_image = {n: shape[1:] for n, (_, shape) in outputs.items() if n in OUTPUT_DTYPES}
-        problems = _shape_problems(per_image)
+        per_image = {n: shape[1:] for n, (_, shape) in outputs.items() if n in expected}
+        problems = _shape_problems(per_image, masks)
     if problems:
-        raise ModelMismatchError(f"model {name!r} is not the SSD300 ensemble: " + "; ".join(problems))
-    return ModelSpec(name, max_batch_size, per_image)
+        raise ModelMismatchError(f"model {name!r} is not the {kind} ensemble: " + "; ".join(problems))
+    return ModelSpec(name, max_batch_size, per_image, masks)
 
 
 def _tensor_problems(kind: str, found: dict, expected: dict) -> list[str]:
@@ -172,12 +201,15 @@ def _tensor_problems(kind: str, found: dict, expected: dict) -> list[str]:
     return problems
 
 
-def _shape_problems(per_image: dict) -> list[str]:
-    """Shapes the parser relies on: boxes [N, 4], scores and classes [N], count [1], all fixed."""
+def _shape_problems(per_image: dict, masks: bool = False) -> list[str]:
+    """Shapes the parser relies on: boxes [N, 4], scores and classes [N], count [1], all fixed; with
+    masks also masks [N] and the image size [2]."""
     boxes = per_image[io.DETECTION_BOXES]
     n = boxes[0] if len(boxes) == 2 else None
     want = {io.DETECTION_BOXES: (n, 4), io.DETECTION_SCORES: (n,), io.DETECTION_CLASSES: (n,),
             io.NUM_DETECTIONS: (1,)}
+    if masks:
+        want.update({io.DETECTION_MASKS: (n,), io.IMAGE_SIZE: (2,)})
     return [f"output {tensor} has per-image shape {list(per_image[tensor])}, expected {list(shape)}"
             for tensor, shape in want.items()
             if n is None or n < 1 or tuple(per_image[tensor]) != shape]
@@ -295,11 +327,20 @@ def describe_images(names: list[str], limit: int = 3) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def build_request(tc, batch: np.ndarray, shm=None) -> tuple[list, list]:
-    """tritonclient inputs/outputs for one padded [B, L] batch; in `shm` (a SharedMemorySlot) when given."""
+def check_shared_memory(spec: ModelSpec) -> None:
+    """Shared-memory output regions are laid out ahead for fixed-size outputs; Mask R-CNN's masks (BYTES,
+    as long as each mask's RLE) have no size known before the answer."""
+    if spec.masks:
+        raise SSDClientError(f"shared memory is not available with model {spec.name!r}: its masks "
+                             f"({io.DETECTION_MASKS}, BYTES) have no fixed size; connect without it")
+
+
+def build_request(tc, batch: np.ndarray, spec: ModelSpec, shm=None) -> tuple[list, list]:
+    """tritonclient inputs/outputs for one padded [B, L] batch, asking for the outputs of `spec`'s
+    ensemble; in `shm` (a SharedMemorySlot) when given."""
     image = tc.InferInput(io.IMAGE, list(batch.shape), INPUT_DTYPES[io.IMAGE])
     binary = {"binary_data": True} if tc.__name__.startswith("tritonclient.http") else {}
-    outputs = [tc.InferRequestedOutput(name, **binary) for name in OUTPUT_DTYPES]
+    outputs = [tc.InferRequestedOutput(name, **binary) for name in spec.output_dtypes]
     if shm is None:
         image.set_data_from_numpy(batch, **binary)
     else:
@@ -310,10 +351,12 @@ def build_request(tc, batch: np.ndarray, shm=None) -> tuple[list, list]:
 
 
 def parse_response(result, count: int, spec: ModelSpec, label_map: LabelMap, threshold: float = 0.0,
-                   shm=None) -> list[list[Detection]]:
-    """Per image of the request, its detections with score >= threshold, in the server's order."""
+                   shm=None, decode_masks: bool = True, image_names=None) -> list[list[Detection]]:
+    """Per image of the request, its detections with score >= threshold, in the server's order. From
+    Mask R-CNN each kept detection carries its RLE and, with `decode_masks`, the decoded mask (checked:
+    a malformed RLE is an InferenceError naming the image, `image_names[i]` where given)."""
     arrays = {name: (shm.read_output(name, count) if shm is not None else result.as_numpy(name))
-              for name in OUTPUT_DTYPES}
+              for name in spec.output_dtypes}
     names = label_map.names_by_id()
     detections = []
     for i in range(count):
@@ -321,11 +364,30 @@ def parse_response(result, count: int, spec: ModelSpec, label_map: LabelMap, thr
         boxes = arrays[io.DETECTION_BOXES][i, :n].tolist()
         scores = arrays[io.DETECTION_SCORES][i, :n].tolist()
         classes = arrays[io.DETECTION_CLASSES][i, :n].tolist()
-        detections.append([
-            Detection(tuple(box), score, cid, names.get(cid, f"category {cid}"))
-            for box, score, cid in zip(boxes, scores, classes) if score >= threshold
-        ])
+        found = []
+        for k, (box, score, cid) in enumerate(zip(boxes, scores, classes)):
+            if score < threshold:
+                continue
+            mask = rle = None
+            if spec.masks:
+                image = image_names[i] if image_names else f"image {i} of the request"
+                size = [int(v) for v in arrays[io.IMAGE_SIZE][i]]
+                rle, mask = _mask(arrays[io.DETECTION_MASKS][i, k], size, decode_masks, f"{image}, detection {k}")
+            found.append(Detection(tuple(box), score, cid, names.get(cid, f"category {cid}"), mask, rle))
+        detections.append(found)
     return detections
+
+
+def _mask(counts, size: list[int], decode: bool, where: str) -> tuple[dict, np.ndarray | None]:
+    """(COCO RLE with str counts, its bool mask or None) from one DETECTION_MASKS element (bytes)."""
+    try:
+        rle = {"size": size, "counts": bytes(counts).decode("ascii")}
+        return rle, decode_mask(rle) if decode else None
+    except UnicodeDecodeError:
+        problem = "malformed RLE: counts are not ASCII"
+    except (TypeError, ValueError) as err:
+        problem = _one_line(str(err))
+    raise InferenceError(f"the server sent a bad mask for {where}: {problem}")
 
 
 def infer_kwargs(protocol: str, timeout: float) -> dict:

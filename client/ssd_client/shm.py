@@ -19,7 +19,7 @@ import numpy as np
 from tritonclient.utils import triton_to_np_dtype
 
 from ssd_client.errors import SSDClientError
-from ssd_client.protocol import OUTPUT_DTYPES, ModelSpec
+from ssd_client.protocol import ModelSpec, check_shared_memory
 
 MIN_INPUT_BYTES = 1 << 20
 
@@ -43,16 +43,18 @@ def unique_prefix() -> str:
 
 class SharedMemorySlot:
     """Input and output regions for one request. The output region is sized for the server's max batch
-    once; the input region grows (to the next power of two) when a batch of images does not fit."""
+    once; the input region grows (to the next power of two) when a batch of images does not fit.
+    Fixed-size outputs only: a model with masks is refused (SSDClientError) before any region is made."""
 
     def __init__(self, spec: ModelSpec, prefix: str):
+        check_shared_memory(spec)
         self.spec = spec
         self.prefix = prefix
         self.input: Region | None = None
         # Each output gets a fixed stretch sized for a full batch; a smaller batch uses its beginning.
         sizes = spec.output_byte_sizes(spec.max_batch_size)
         self._offsets, offset = {}, 0
-        for name in OUTPUT_DTYPES:
+        for name in spec.output_dtypes:
             self._offsets[name] = offset
             offset += sizes[name]
         self._live: list = []  # every live region's memory, released by close() or, failing that, at exit
@@ -88,7 +90,7 @@ class SharedMemorySlot:
     def read_output(self, name: str, batch_size: int) -> np.ndarray:
         """A copy of one output (the region is reused by the next request)."""
         shape = (batch_size, *self.spec.output_shapes[name])
-        dtype = np.dtype(triton_to_np_dtype(OUTPUT_DTYPES[name]))
+        dtype = np.dtype(triton_to_np_dtype(self.spec.output_dtypes[name]))
         view = np.frombuffer(self.output.memory.buf, dtype, int(np.prod(shape)), self._offsets[name])
         return view.reshape(shape).copy()
 
