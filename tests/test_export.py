@@ -127,6 +127,16 @@ def test_torchscript_matches_eager_on_real_photos(exported, eager, photo_batch):
     assert (boxes[0].numel() + scores[0].numel()) * 9 < sum(t.numel() for t in raw)
 
 
+def test_the_traced_model_follows_the_device_it_is_loaded_on(exported):
+    """The GPU server loads model.pt onto the GPU: nothing in the trace may be pinned to the CPU it was traced
+    on (the default boxes are a buffer of the module, moved with it)."""
+    repository, _ = exported
+    traced = torch.jit.load(str(repository / io.MODEL_FP32 / "1" / io.TORCHSCRIPT_FILE))
+    graph = str(traced.inlined_graph)
+    assert 'value="cpu"' not in graph and "Device" not in graph
+    assert "default_boxes" in dict(traced.named_buffers())
+
+
 def test_onnx_is_valid_and_matches_torchscript(exported, photo_batch):
     import onnx
 

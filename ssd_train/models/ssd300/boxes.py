@@ -133,9 +133,10 @@ def encode(boxes: torch.Tensor, spec: DefaultBoxSpec = SSD300) -> torch.Tensor:
     return torch.cat([centre, size], dim=-1)
 
 
-def decode(locs: torch.Tensor, spec: DefaultBoxSpec = SSD300) -> torch.Tensor:
-    """Model locations (N, 4, D) -> xyxy boxes (N, D, 4)."""
-    dboxes = default_boxes(spec, locs.device)
+def decode(locs: torch.Tensor, spec: DefaultBoxSpec = SSD300, dboxes: torch.Tensor | None = None) -> torch.Tensor:
+    """Model locations (N, 4, D) -> xyxy boxes (N, D, 4). `dboxes`: `spec`'s default boxes where the
+    caller keeps them (a traced module's buffer: a trace would freeze the device they are created on)."""
+    dboxes = default_boxes(spec, locs.device) if dboxes is None else dboxes
     offsets = locs.float().transpose(1, 2)
     centre = offsets[..., :2] * spec.scale_xy * dboxes[:, 2:] + dboxes[:, :2]
     size = torch.exp(offsets[..., 2:] * spec.scale_wh) * dboxes[:, 2:]
@@ -194,12 +195,14 @@ def candidates(
     scores: torch.Tensor,
     spec: DefaultBoxSpec = SSD300,
     topk_per_class: int = TOPK_PER_CLASS,
+    dboxes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The first half of `postprocess`, fixed-size and traceable (the exported model ends with it):
     model outputs (N, 4, D) and (N, C, D) -> each class's `topk_per_class` best boxes, background
     dropped: scores (N, C-1, K) best first and their xyxy boxes (N, C-1, K, 4), clipped to [0, 1]
-    like torchvision's SSD. 1/9 of the bytes of the raw outputs for COCO (K = 200 of D = 8732)."""
-    boxes = decode(locs, spec).clamp(0, 1)  # (N, D, 4)
+    like torchvision's SSD. 1/9 of the bytes of the raw outputs for COCO (K = 200 of D = 8732).
+    `dboxes`: as for `decode`."""
+    boxes = decode(locs, spec, dboxes).clamp(0, 1)  # (N, D, 4)
     probs = torch.softmax(scores.float(), dim=1)[:, 1:, :]  # (N, C-1, D)
     top_scores, top_index = probs.topk(min(topk_per_class, probs.shape[2]), dim=2)
     n, classes, k = top_index.shape

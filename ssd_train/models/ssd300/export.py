@@ -31,7 +31,7 @@ from torch import nn
 from ssd_common import io
 from ssd_train.export import (ExportError, atomic_write_bytes, first_line, install_configs, label_map_json,
                               quiet_torch, sample_images, temp_path, write_export_manifest)
-from ssd_train.models.ssd300.boxes import candidates
+from ssd_train.models.ssd300.boxes import SSD300, candidates, default_boxes
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +55,13 @@ class ServedSSD300(nn.Module):
         super().__init__()
         self.half = precision == "fp16"
         self.model = copy.deepcopy(model).half() if self.half else model
+        # A buffer, so the default boxes follow the module to the device it is loaded on (a GPU server):
+        # created inside forward, a trace would pin them to the device it was traced on.
+        self.register_buffer("default_boxes", default_boxes(SSD300).clone(), persistent=False)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         locs, scores = self.model(images.half() if self.half else images)
-        top_scores, top_boxes = candidates(locs.float(), scores.float())
+        top_scores, top_boxes = candidates(locs.float(), scores.float(), dboxes=self.default_boxes)
         return top_boxes, top_scores
 
 
