@@ -9,7 +9,6 @@ that the runs cover the mask (counts "0" for a 5x7 mask decodes to uninitialised
 from __future__ import annotations
 
 import numpy as np
-import pycocotools.mask as mask_util
 
 
 def encode_mask(mask: np.ndarray) -> dict:
@@ -17,6 +16,8 @@ def encode_mask(mask: np.ndarray) -> dict:
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"a mask must be 2-D (height, width), not shape {mask.shape}")
+    import pycocotools.mask as mask_util  # here, not at the top: the toolkit imports without pycocotools
+
     rle = mask_util.encode(np.asfortranarray(mask != 0, dtype=np.uint8))
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
 
@@ -29,6 +30,8 @@ def encode_masks(masks: np.ndarray) -> list[bytes]:
         raise ValueError(f"masks must be 3-D (n, height, width), not shape {masks.shape}")
     if len(masks) == 0:
         return []
+    import pycocotools.mask as mask_util  # here, not at the top: the toolkit imports without pycocotools
+
     rles = mask_util.encode(np.asfortranarray((masks != 0).transpose(1, 2, 0), dtype=np.uint8))
     return [rle["counts"] for rle in rles]
 

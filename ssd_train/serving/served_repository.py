@@ -22,11 +22,15 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2
 
 from ssd_common import io
+
+if TYPE_CHECKING:  # imported where used: the toolkit imports without tritonclient
+    from tritonclient.grpc import model_config_pb2
+
 
 def _package_repository() -> Path:
     """The model repository that ships with ssd_train: configs and model code, no weights. In git it
@@ -54,6 +58,8 @@ class ConfigError(ValueError):
 
 
 def read_config(path: Path) -> model_config_pb2.ModelConfig:
+    from tritonclient.grpc import model_config_pb2
+
     try:
         return text_format.Parse(Path(path).read_text(), model_config_pb2.ModelConfig())
     except OSError as err:
@@ -79,6 +85,8 @@ def derive_repository(production: Path, target: Path, flavour: str, models=io.MO
     """Write the `flavour` ("gpu" or "cpu") repository of `production` into `target` (an empty or
     absent directory); returns the names of the models it holds, the ensembles last. `parameters`:
     {model name: {key: value}} set in those models' configs."""
+    from tritonclient.grpc import model_config_pb2
+
     if flavour not in DERIVED_FLAVOURS:
         raise ValueError(f"flavour must be one of {DERIVED_FLAVOURS}, not {flavour!r}")
     production, target = Path(production).resolve(), Path(target)

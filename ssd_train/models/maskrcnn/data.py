@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -88,6 +87,8 @@ class InstanceDataset(torch.utils.data.Dataset):
 
 def decode_masks(segmentations: list, height: int, width: int) -> np.ndarray:
     """COCO segmentations (checked by segmentation_problem) -> uint8 masks (N, height, width)."""
+    from pycocotools import mask as mask_utils  # here, not at the top: the toolkit imports without pycocotools
+
     masks = np.zeros((len(segmentations), height, width), dtype=np.uint8)
     for i, segmentation in enumerate(segmentations):
         if isinstance(segmentation, list):  # polygons
