@@ -128,6 +128,20 @@ def maskrcnn_part(out: Path, data: Path, images: list[str]) -> str:
         "--json-summary", str(out / "maskrcnn_evaluate.json"), "--results-dir", str(out / "maskrcnn_results"))
     run("ssd-train", "predict", "--checkpoint", checkpoint, *images, "--threshold", MASKRCNN_PREDICT_THRESHOLD,
         "--output-dir", str(out / "maskrcnn_predictions"))
+    # Into the SSD300 part's repository: one server serves both ensembles.
+    repo = out / "model_repository"
+    run("ssd-train", "export", "--checkpoint", checkpoint, "--model-repository", str(repo))
+
+    from ssd_train.serving.server import TritonServer
+
+    print(f"\n$ ssd-serve --model-repository {repo}   (in the background)", flush=True)
+    with TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0) as server:
+        print(f"serving {', '.join(server.ensembles)} ({server.flavour} flavour) at http://{server.http_url}")
+        labels = str(repo / "maskrcnn_postprocess" / "1" / "labels.json")
+        run("ssd-client", "detect", *images, "--model", "maskrcnn", "--url", server.http_url, "--labels", labels,
+            "--threshold", MASKRCNN_PREDICT_THRESHOLD, "--output-dir", str(out / "maskrcnn_served"))
+        run("ssd-client", "evaluate", "--data", str(data), "--model", "maskrcnn", "--url", server.grpc_url,
+            "--protocol", "grpc", "--batch-size", "1", "--json-summary", str(out / "maskrcnn_served_evaluate.json"))
 
     events = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
     losses = [e["loss"] for e in events if e["event"] == "train"]
@@ -138,11 +152,13 @@ def maskrcnn_part(out: Path, data: Path, images: list[str]) -> str:
     start = next(e for e in events if e["event"] == "start")
     epochs = end["iterations"] / start["steps_per_epoch"]
     result = json.loads((out / "maskrcnn_evaluate.json").read_text())
+    served = json.loads((out / "maskrcnn_served_evaluate.json").read_text())
     return (f"trained Mask R-CNN (ResNet-18 FPN, random init) on the same images for {end['iterations']} iterations "
             f"of {start['global_batch']} ({epochs:.1f} epochs) in {train_minutes:.1f} min (loss {losses[0]:.2f} -> "
             f"{losses[-1]:.2f}; val box/mask mAP {curve or 'not evaluated during training'}); val box mAP "
-            f"{result['bbox_mAP']:.3f}, mask mAP {result['segm_mAP']:.3f}. "
-            f"Outputs in {out}/maskrcnn_* (maskrcnn_predictions/ holds images with the masks drawn).")
+            f"{result['bbox_mAP']:.3f}, mask mAP {result['segm_mAP']:.3f} in process, {served['bbox_mAP']:.3f} / "
+            f"{served['segm_mAP']:.3f} through Triton. Outputs in {out}/maskrcnn_* (maskrcnn_predictions/ and "
+            "maskrcnn_served/ hold images with the masks drawn).")
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ MASKRCNN_MODEL_OUTPUTS = ("BOXES", "SCORES", "LABELS", "MASKS", "COUNTS")
 MASKRCNN_LIBTORCH_INPUTS = ("INPUT__0", "INPUT__1")
 MASKRCNN_LIBTORCH_OUTPUTS = tuple(f"OUTPUT__{i}" for i in range(len(MASKRCNN_MODEL_OUTPUTS)))
 # The postprocess step takes the model's outputs under MASKRCNN_MODEL_OUTPUTS' names, RESIZED_SIZE and
-# IMAGE_SIZE, and gives DETECTION_BOXES [100, 4], DETECTION_SCORES [100], DETECTION_CLASSES [100],
+# IMAGE_SIZE, and gives (best score first) DETECTION_BOXES [100, 4], DETECTION_SCORES [100], DETECTION_CLASSES [100],
 # NUM_DETECTIONS [1] (as SSD300's, 100 rows) and:
 DETECTION_MASKS = "DETECTION_MASKS"  # BYTES [100]: each detection's mask at the original image size as
 # COCO compressed RLE counts (the string pycocotools writes; size = IMAGE_SIZE), b"" for padding.

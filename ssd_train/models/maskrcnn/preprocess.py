@@ -81,7 +81,8 @@ def inference_pipeline(batch_size: int, min_size: int, max_size: int, device: st
 
 
 def read_resize(path) -> tuple[int, int]:
-    """(min_size, max_size) from a `io.RESIZE_FILE` (`export.resize_json` writes it); ValueError (one line) if it is missing or malformed."""
+    """(min_size, max_size) from a `io.RESIZE_FILE` (`export.resize_json` writes it); ValueError (one line)
+    if it is missing or malformed."""
     try:
         data = json.loads(Path(path).read_text())
         min_size, max_size = int(data["min_size"]), int(data["max_size"])
