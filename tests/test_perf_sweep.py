@@ -1,6 +1,6 @@
-"""tools/perf_sweep.py: perf_analyzer input data and setup (fast), then a real sweep against the CPU
-server started with the project's own API (slow): the tables and the plot must hold exactly the
-numbers of the raw perf_analyzer CSVs and of `ssd-train benchmark`'s JSON summary."""
+"""tools/perf_sweep.py: perf_analyzer input data and setup (fast), then real sweeps of SSD300 and of
+Mask R-CNN against CPU servers started with the project's own API (slow): the tables and the plot must
+hold exactly the numbers of the raw perf_analyzer CSVs and of `ssd-train benchmark`'s JSON summary."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import skimage.data
 import torch
 from PIL import Image
 
@@ -30,6 +31,7 @@ import perf_report  # noqa: E402
 
 BACKBONE = "resnet18"  # the smallest backbone: the sweep measures serving, not the network
 ENSEMBLE_STEPS = (io.VALIDATE, io.PREPROCESS, io.MODEL_FP32, io.POSTPROCESS)  # the CPU flavour's ensemble
+MASKRCNN_STEPS = (io.VALIDATE, io.MASKRCNN_PREPROCESS, io.MASKRCNN_MODEL, io.MASKRCNN_POSTPROCESS)
 
 
 def run_sweep(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -117,6 +119,31 @@ def test_model_input_is_the_photos_through_the_dali_preprocessing(tmp_path):
         np.testing.assert_array_equal(sent, tensor)
 
 
+def small_photos(directory: Path) -> Path:
+    """Two small photos of opposite aspect ratios (they resize to different sizes): cheap masks to paste."""
+    directory.mkdir()
+    Image.fromarray(skimage.data.chelsea()[:120, :160]).save(directory / "landscape.jpg", quality=90)
+    Image.fromarray(skimage.data.astronaut()[:160, :120]).save(directory / "portrait.jpg", quality=90)
+    return directory
+
+
+def test_maskrcnn_model_input_is_the_photos_preprocessed_as_one_padded_batch(tmp_path):
+    from ssd_train.models.maskrcnn.preprocess import MaskRCNNPreprocessor
+
+    photos = perf_inputs.directory_images(small_photos(tmp_path / "photos"), limit=8)
+    steps = perf_inputs.maskrcnn_preprocessed_data(photos, 128, 160)["data"]
+    images, sizes = io.MASKRCNN_LIBTORCH_INPUTS
+    # One shape for every step (perf_analyzer batches only equal shapes): the batch's padded one.
+    assert [step[images]["shape"] for step in steps] == [[3, 160, 160]] * 2
+    assert [step[sizes]["shape"] for step in steps] == [[2]] * 2
+    expected, resized, _ = MaskRCNNPreprocessor(128, 160, batch_size=2)([data for _, data in photos])
+    for step, tensor, size in zip(steps, expected, resized, strict=True):
+        sent = np.frombuffer(base64.b64decode(step[images]["b64"]), np.float32).reshape(tensor.shape)
+        np.testing.assert_array_equal(sent, tensor)
+        np.testing.assert_array_equal(np.frombuffer(base64.b64decode(step[sizes]["b64"]), np.int64), size)
+    assert resized.tolist() == [[120, 160], [160, 120]]  # each inside the padding, as the model reads it
+
+
 def test_a_directory_without_images_is_a_clear_error(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(perf_inputs.InputDataError, match="no .jpg/.jpeg/.png images"):
@@ -151,6 +178,9 @@ def test_a_missing_binary_is_a_clear_error(tmp_path):
     (["--batch-sizes", "0"], "expected positive integers"),
     (["--models", "fp32,int8"], "choose from fp32, fp16, ensemble"),
     (["--models", "ensemble", "--compare-in-process"], "compares the SSD model alone"),
+    (["--models", "maskrcnn_model"], "need the served image sizes: pass --model-repository"),
+    (["--models", "maskrcnn", "--compare-in-process"], "need the served image sizes: pass --model-repository"),
+    (["--models", "maskrcnn_model", "--min-size", "128"], "pass both --min-size and --max-size"),
 ])
 def test_bad_options_are_one_line_usage_errors(args, message):
     proc = run_sweep(*args, timeout=120)
@@ -282,3 +312,112 @@ def test_an_unstable_measurement_stops_with_advice(server, tmp_path):
     assert line.startswith(f"Error: unstable measurement for {io.MODEL_FP32} batch 1 concurrency 1")
     assert "--measurement-request-count" in line and "--stability-percentage" in line
     assert (tmp_path / "raw" / f"{io.MODEL_FP32}_b1_c1.log").is_file()
+
+
+# ----------------------------------------------------------------------------------------------- Mask R-CNN
+@pytest.fixture(scope="module")
+def maskrcnn_server(tmp_path_factory):
+    """An untrained resnet18 Mask R-CNN (min/max size 128/160) exported by the project's exporter and served
+    (CPU flavour), with its repository (where the sweep reads the export's sizes). Its classifier favours the
+    background, so it detects nothing: the mask head, which runs once per detection (about 90% of a request
+    with the 100-detection cap), is left out and the sweep stays short; it measures serving, not the network."""
+    from ssd_common.labels import LabelMap
+    from ssd_train.checkpoint import save_checkpoint
+    from ssd_train.export import export_model_repository
+    from ssd_train.models.maskrcnn.model import MaskRCNNSpec, build_maskrcnn
+    from ssd_train.serving.server import TritonServer
+
+    root = tmp_path_factory.mktemp("perf_maskrcnn")
+    label_map = LabelMap.from_coco_categories([{"id": 1, "name": "square"}, {"id": 2, "name": "circle"}])
+    spec = MaskRCNNSpec(BACKBONE, label_map.num_classes, min_size=128, max_size=160, norm="batch",
+                        trainable_layers=5)
+    torch.manual_seed(0)
+    model = build_maskrcnn(spec).eval()
+    with torch.no_grad():
+        model.roi_heads.box_predictor.cls_score.bias[0] = 50.0  # background: every other score ~e-20
+    checkpoint = save_checkpoint(root / "background.pt", {
+        "epoch": 0, "iteration": 0, "model": model.state_dict(), "backbone": BACKBONE, "detector": "maskrcnn",
+        "label_map": label_map.to_nvidia(), "categories": label_map.to_json(), "spec": spec.to_json()})
+    export_model_repository(checkpoint, root / "model_repository", precisions=["fp32"])
+    with TritonServer(root / "model_repository", http_port=0, grpc_port=0, metrics_port=0, flavour="cpu") as triton:
+        yield triton, root / "model_repository"
+
+
+@pytest.mark.slow
+def test_tiny_maskrcnn_sweep_tables_hold_the_measured_numbers(maskrcnn_server, tmp_path):
+    server, repository = maskrcnn_server
+    out = tmp_path / "sweep"
+    proc = run_sweep(
+        "--url", server.http_url, "--models", "maskrcnn,maskrcnn_model", "--model-repository", str(repository),
+        "--batch-sizes", "1,2", "--images", str(small_photos(tmp_path / "photos")),
+        "--measurement-request-count", "1", "--stability-percentage", "100", "--output-dir", str(out),
+        "--compare-in-process", "--in-process-args", "--benchmark-warmup 0 --benchmark-iterations 1",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    raw = out / "raw"
+    models = (io.MASKRCNN_MODEL, io.MASKRCNN_ENSEMBLE)
+    measured = {(model, b): read_csv_row(raw / f"{model}_b{b}_c1.csv") for model in models for b in (1, 2)}
+    for row in measured.values():
+        assert row["Inferences/Second"] > 0 and 0 < row["p50 latency"] <= row["p99 latency"]
+    composing = {(step, b): read_csv_row(raw / f"{step}_v1.{io.MASKRCNN_ENSEMBLE}_b{b}_c1.csv")
+                 for step in MASKRCNN_STEPS for b in (1, 2)}
+
+    def ips(model, b):
+        return measured[model, b]["Inferences/Second"]
+
+    def ms(model, b, column):
+        return f"{measured[model, b][column] / 1000:.2f}"
+
+    text = (out / "perf_sweep.md").read_text()
+    assert text.startswith("# Mask R-CNN served by Triton")
+    assert "padded to the batch's 3x160x160" in text  # the model alone's input: both photos in one padded shape
+    assert "served 0.0 on the sweep's photos" in text  # the detections behind the served figures
+    tables = markdown_tables(text)
+    for heading, model, throughput in (
+            ("Mask R-CNN alone", io.MASKRCNN_MODEL, "Throughput - FP32"),
+            (f"Whole ensemble `{io.MASKRCNN_ENSEMBLE}`", io.MASKRCNN_ENSEMBLE, "Throughput")):
+        table = table_under(tables, heading)
+        assert [row["Batch size"] for row in table] == ["1", "2"]
+        for row, b in zip(table, (1, 2), strict=True):
+            assert row[throughput] == f"{ips(model, b):.2f}"
+            assert row["Weak scaling"] == f"{100 * ips(model, b) / ips(model, 1):.0f}%"
+            assert row["p50 latency (ms)"] == ms(model, b, "p50 latency")
+            assert row["p99 latency (ms)"] == ms(model, b, "p99 latency")
+    breakdown = table_under(tables, f"`{io.MASKRCNN_ENSEMBLE}`: server time")
+    assert [(row["Batch size"], row["Model"]) for row in breakdown] == [
+        (str(b), f"`{step}`") for b in (1, 2) for step in MASKRCNN_STEPS]
+    for row in breakdown:
+        stats = composing[row["Model"].strip("`"), int(row["Batch size"])]
+        assert row["Queue (ms)"] == f"{stats['Server Queue'] / 1000:.2f}"
+        assert row["Compute infer (ms)"] == f"{stats['Server Compute Infer'] / 1000:.2f}"
+    # In-process at the export's sizes and backbone, from the real `ssd-train benchmark --json-summary`.
+    summary = json.loads((out / "in_process_maskrcnn.json").read_text())
+    assert (summary["spec"]["min_size"], summary["spec"]["max_size"], summary["spec"]["backbone"]) == (
+        128, 160, "resnet18")
+    in_process = {r["batch_size"]: r["throughput_mean"] for r in summary["results"]}
+    compare = table_under(tables, "Mask R-CNN served")
+    assert [row["Batch size"] for row in compare] == ["1", "2"]
+    for row, b in zip(compare, (1, 2), strict=True):
+        assert row["In-process"] == f"{in_process[b]:.2f}"
+        assert row["Served model alone"] == f"{ips(io.MASKRCNN_MODEL, b):.2f}"
+        assert row["Served ensemble / in-process"] == f"{100 * ips(io.MASKRCNN_ENSEMBLE, b) / in_process[b]:.0f}%"
+
+
+@pytest.mark.slow
+def test_maskrcnn_batch_sizes_stop_at_its_max_batch_size(maskrcnn_server, tmp_path):
+    import perf_server
+    import perf_sweep
+
+    server, repository = maskrcnn_server
+    # Asked for: one line before any load is sent.
+    proc = run_sweep("--url", server.http_url, "--models", "maskrcnn", "--batch-sizes", "1,16",
+                     "--output-dir", str(tmp_path), timeout=120)
+    assert proc.returncode == 1
+    (line,) = error_lines(proc)
+    assert line == f"Error: batch size 16 exceeds {io.MASKRCNN_ENSEMBLE}'s max_batch_size 8: lower --batch-sizes"
+    # The default sweep: each model's batch sizes up to its own limit, the rest noted.
+    info = perf_server.check_server(server.http_url, "http", [io.MASKRCNN_ENSEMBLE, io.MASKRCNN_MODEL], None)
+    sizes, notes = perf_sweep.batch_sizes_per_model(["maskrcnn", "maskrcnn_model"], None, info)
+    assert sizes == {"maskrcnn": [1, 2, 4, 8], "maskrcnn_model": [1, 2, 4, 8]}
+    assert notes == [f"`{model}`: batch sizes over its max_batch_size 8 skipped (16, 32, 64)"
+                     for model in (io.MASKRCNN_ENSEMBLE, io.MASKRCNN_MODEL)]

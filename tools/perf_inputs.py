@@ -1,9 +1,11 @@
 """perf_analyzer `--input-data` JSON files built from real photos.
 
-Two inputs: the ensemble's `IMAGE` (encoded JPEG bytes, zero-padded to one length because
+Three inputs: the ensembles' `IMAGE` (encoded JPEG bytes, zero-padded to one length because
 perf_analyzer only batches tensors of equal shape, as the client pads a batch; the decoder ignores
-the padding) and the SSD model's `INPUT__0` (the same photos through the project's DALI
-preprocessing, so the models alone see the tensors the ensemble would hand them).
+the padding; SSD300's and Mask R-CNN's ensembles take the same), the SSD model's `INPUT__0` (the same
+photos through the project's DALI preprocessing, so the models alone see the tensors the ensemble
+would hand them) and the Mask R-CNN model's `INPUT__0`/`INPUT__1` (the photos through its DALI
+preprocessing as one batch, so they share the batch's padded shape, and their resized sizes).
 """
 
 from __future__ import annotations
@@ -71,6 +73,25 @@ def preprocessed_image_data(images: list[tuple[str, bytes]]) -> dict:
     except ImageDecodeError as err:
         raise InputDataError(f"cannot preprocess the images: {err}") from None
     steps = [{io.MODEL_INPUT: {"b64": _b64(t.astype(np.float32)), "shape": list(t.shape)}} for t in tensors]
+    return {"data": steps}
+
+
+def maskrcnn_preprocessed_data(images: list[tuple[str, bytes]], min_size: int, max_size: int) -> dict:
+    """`--input-data` for the Mask R-CNN model alone: the photos through its DALI preprocessing with the
+    served export's sizes. perf_analyzer needs one shape per tensor for a batch, and Mask R-CNN's images
+    keep their aspect ratio, so the photos are preprocessed as one batch: each is zero-padded to the
+    batch's largest height and width (as the ensemble pads a batch of them), beside its resized size."""
+    from ssd_train.data.dali import ImageDecodeError
+    from ssd_train.models.maskrcnn.preprocess import MaskRCNNPreprocessor
+
+    try:
+        tensors, resized, _ = MaskRCNNPreprocessor(min_size, max_size, batch_size=len(images))(
+            [data for _, data in images])
+    except ImageDecodeError as err:
+        raise InputDataError(f"cannot preprocess the images: {err}") from None
+    image_input, size_input = io.MASKRCNN_LIBTORCH_INPUTS
+    steps = [{image_input: {"b64": _b64(t.astype(np.float32)), "shape": list(t.shape)},
+              size_input: {"b64": _b64(s.astype(np.int64)), "shape": [2]}} for t, s in zip(tensors, resized)]
     return {"data": steps}
 
 

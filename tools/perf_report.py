@@ -57,7 +57,7 @@ class ComposingStats:
 class Measurement:
     """One perf_analyzer run: one model, batch size and concurrency."""
 
-    precision: str  # "fp32", "fp16" or "ensemble"
+    precision: str  # the sweep's --models name: "fp32", "fp16", "ensemble", "maskrcnn" or "maskrcnn_model"
     model: str
     batch_size: int
     concurrency: int
@@ -218,13 +218,16 @@ def models_table(measurements: Sequence[Measurement], concurrency: int, math: st
     return markdown_table(header, rows)
 
 
-def ensemble_table(measurements: Sequence[Measurement], concurrency: int) -> str:
-    """The whole pipeline: throughput, weak scaling, p50/p99 latency (and GPU utilisation if collected)."""
-    ens = _index(measurements, "ensemble", concurrency)
+def ensemble_table(measurements: Sequence[Measurement], concurrency: int, precision: str = "ensemble",
+                   math: str | None = None) -> str:
+    """One served model (by default SSD300's whole pipeline): throughput, weak scaling, p50/p99 latency
+    (and GPU utilisation if collected); `math` names the throughput column's ("Throughput - FP32")."""
+    ens = _index(measurements, precision, concurrency)
     batch_sizes = sorted(ens)
     base = ens[batch_sizes[0]].throughput if batch_sizes else None
     with_gpu = any(m.gpu_utilization is not None for m in ens.values())
-    header = ["Batch size", "Throughput", f"Weak scaling{_scaling_note(batch_sizes)}", "p50 latency (ms)",
+    header = ["Batch size", f"Throughput - {math}" if math else "Throughput",
+              f"Weak scaling{_scaling_note(batch_sizes)}", "p50 latency (ms)",
               "p99 latency (ms)"] + (["Avg GPU utilization"] if with_gpu else [])
     rows = []
     for b in batch_sizes:
@@ -236,10 +239,11 @@ def ensemble_table(measurements: Sequence[Measurement], concurrency: int) -> str
     return markdown_table(header, rows)
 
 
-def breakdown_table(measurements: Sequence[Measurement], concurrency: int, order: Sequence[str] = ()) -> str:
+def breakdown_table(measurements: Sequence[Measurement], concurrency: int, order: Sequence[str] = (),
+                    precision: str = "ensemble") -> str:
     """Where a request's server time goes: queue and compute per composing model, per request
     (models in `order`, the ensemble's step order, when given)."""
-    ens = _index(measurements, "ensemble", concurrency)
+    ens = _index(measurements, precision, concurrency)
     header = ["Batch size", "Model", "Queue (ms)", "Compute input (ms)", "Compute infer (ms)",
               "Compute output (ms)", "Compute total (ms)", "Overhead (ms)"]
     rows = []
@@ -257,17 +261,20 @@ def breakdown_table(measurements: Sequence[Measurement], concurrency: int, order
 
 
 def read_in_process(path: Path) -> dict:
-    """{"device": str, "results": {(precision, batch): throughput_mean}} from the benchmark summary."""
+    """{"device": str, "results": {(precision, batch): throughput_mean}, "detections": {(precision, batch):
+    detections_per_image}} from the benchmark summary (Mask R-CNN's records its detections per image)."""
     try:
         summary = json.loads(Path(path).read_text())
         results = {
             (r["precision"], int(r["batch_size"])): float(r["throughput_mean"]) for r in summary["results"]
         }
+        detections = {(r["precision"], int(r["batch_size"])): float(r["detections_per_image"])
+                      for r in summary["results"] if "detections_per_image" in r}
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ReportError(f"{path}: not a benchmark summary ({type(err).__name__}: {err})") from None
     if summary.get("mode") != "inference":
         raise ReportError(f"{path}: benchmark mode is {summary.get('mode')!r}, expected 'inference'")
-    return {"device": summary.get("device", "unknown"), "results": results}
+    return {"device": summary.get("device", "unknown"), "results": results, "detections": detections}
 
 
 def compare_table(measurements: Sequence[Measurement], in_process: dict, concurrency: int,
@@ -288,6 +295,27 @@ def compare_table(measurements: Sequence[Measurement], in_process: dict, concurr
         for served, local in columns:
             s = served[b].throughput if b in served else None
             row += [_ips(s), _ips(local.get(b)), _percent(s, local.get(b))]
+        rows.append(row)
+    return markdown_table(header, rows)
+
+
+def maskrcnn_compare_table(measurements: Sequence[Measurement], in_process: dict, concurrency: int) -> str:
+    """Served Mask R-CNN (the model alone and/or the whole ensemble, as swept) vs in-process
+    `ssd-train benchmark --model maskrcnn` (fp32), images/s, same batch sizes."""
+    local = {b: v for (p, b), v in in_process["results"].items() if p == "fp32"}
+    header = ["Batch size", "In-process"]
+    columns = []
+    for precision, label in (("maskrcnn_model", "model alone"), ("maskrcnn", "ensemble")):
+        served = _index(measurements, precision, concurrency)
+        if served:
+            header += [f"Served {label}", f"Served {label} / in-process"]
+            columns.append(served)
+    rows = []
+    for b in sorted({b for served in columns for b in served}):
+        row = [str(b), _ips(local.get(b))]
+        for served in columns:
+            s = served[b].throughput if b in served else None
+            row += [_ips(s), _percent(s, local.get(b))]
         rows.append(row)
     return markdown_table(header, rows)
 

@@ -1,8 +1,13 @@
-"""Check, before any load is sent, that the Triton server is up and serves the models to sweep."""
+"""Check, before any load is sent, that the Triton server is up and serves the models to sweep (and,
+for the Mask R-CNN comparison, ask it once how many detections it returns)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import numpy as np
+
+from ssd_common import io
 
 
 class ServerCheckError(RuntimeError):
@@ -22,6 +27,9 @@ class ServerInfo:
         kinds = sorted({g.get("kind", "KIND_AUTO") for g in config.get("instance_group", [])})
         return ", ".join(kinds) or "KIND_AUTO"
 
+    def max_batch_size(self, model: str) -> int:
+        return max(int(self.configs.get(model, {}).get("max_batch_size", 0)), 1)
+
     def on_cpu(self, model: str) -> bool:
         kinds = {g.get("kind") for g in self.configs.get(model, {}).get("instance_group", [])}
         return kinds == {"KIND_CPU"}
@@ -37,15 +45,20 @@ def _first_line(err: Exception) -> str:
     return text.splitlines()[0][:200]
 
 
-def _client(url: str, protocol: str):
+def _module(protocol: str):
     if protocol == "grpc":
         import tritonclient.grpc as module
     else:
         import tritonclient.http as module
-    return module.InferenceServerClient(url)
+    return module
 
 
-def check_server(url: str, protocol: str, models: list[str], max_batch: int) -> ServerInfo:
+def _client(url: str, protocol: str):
+    return _module(protocol).InferenceServerClient(url)
+
+
+def check_server(url: str, protocol: str, models: list[str], max_batch: int | None) -> ServerInfo:
+    """`max_batch`: the largest batch size asked for, an error if a model takes less (None: no check)."""
     try:
         client = _client(url, protocol)
         live = client.is_server_live()
@@ -69,7 +82,7 @@ def check_server(url: str, protocol: str, models: list[str], max_batch: int) -> 
         config = client.get_model_config(model, as_json=True) if protocol == "grpc" else client.get_model_config(model)
         config = config.get("config", config)  # gRPC wraps it
         limit = int(config.get("max_batch_size", 0))
-        if max_batch > max(limit, 1):
+        if max_batch is not None and max_batch > max(limit, 1):
             raise ServerCheckError(
                 f"batch size {max_batch} exceeds {model}'s max_batch_size {limit}: lower --batch-sizes"
             )
@@ -90,3 +103,20 @@ def _model_states(client, protocol: str) -> str:
         return f"unknown: {_first_line(err)}"
     models = index.get("models", []) if isinstance(index, dict) else index
     return ", ".join(f"{m.get('name')} {m.get('state', 'UNKNOWN')}" for m in models) or "none"
+
+
+def mean_detections(url: str, protocol: str, ensemble: str, images: list[bytes]) -> float:
+    """The mean NUM_DETECTIONS the ensemble returns for `images`, one request each: what its steps
+    after the model (and the model's mask head) had to handle."""
+    module = _module(protocol)
+    counts = []
+    try:
+        with _client(url, protocol) as client:
+            for data in images:
+                image = module.InferInput(io.IMAGE, [1, len(data)], "UINT8")
+                image.set_data_from_numpy(np.frombuffer(data, np.uint8)[None])
+                result = client.infer(ensemble, [image], outputs=[module.InferRequestedOutput(io.NUM_DETECTIONS)])
+                counts.append(int(result.as_numpy(io.NUM_DETECTIONS)[0, 0]))
+    except Exception as err:
+        raise ServerCheckError(f"cannot count {ensemble}'s detections at {url}: {_first_line(err)}") from None
+    return sum(counts) / len(counts)
