@@ -1,9 +1,10 @@
-"""`make demo`: the whole trip on a CPU in about 15 minutes -- generate a toy dataset, train SSD300
+"""`make demo`: the whole trip on a CPU in about 13 minutes -- generate a toy dataset, train SSD300
 (ResNet-18 backbone, from scratch) on it until it finds the shapes, evaluate, predict, export to a
 Triton model repository, serve it with a real tritonserver and query it with ssd-client. Then Mask
 R-CNN on the same dataset and its instance masks, in about 6 minutes more: train (ResNet-18 FPN, from
-scratch), evaluate box and mask mAP, and predict with the masks drawn (Mask R-CNN has no export or
-serving yet). Every step is a command a user can run; they are printed before they run."""
+scratch), evaluate box and mask mAP, predict with the masks drawn, export into the same repository and
+score it through the server that serves both. Every step is a command a user can run; they are printed
+before they run."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ random admin key, on free ports) and measures the ensemble with perf_analyzer fo
 search goes one step at a time (the TorchScript model first: it costs the most), each step's candidates
 measured with the other steps at their best so far; only the step being tuned is reloaded, with its
 candidate config. A candidate qualifies when its p99 latency is within the budget; the winner is the one
-with the highest throughput among them (the step's current setting when none qualifies). It writes:
+with the highest throughput among them (a step none qualifies for keeps its config). It writes:
 - OUTPUT_DIR/serving_search.md: every measured candidate (throughput, p50, p99, within budget) and the
   winners; OUTPUT_DIR/serving_search.json: the same as data; OUTPUT_DIR/raw/: perf_analyzer's CSVs;
 - OUTPUT_DIR/configs/<model>/config.pbtxt: the repository's own config of each tuned step with the
@@ -177,7 +177,7 @@ def report(trials: list[Trial], winners: dict[str, Setting], baseline: Trial, me
              f"{t.throughput:.2f}", f"{t.p50_ms:.0f}", f"{t.p99_ms:.0f}", "yes" if t.within_budget else "no"]
             for t in [baseline, *trials]]
     rows[0][:4] = ["(the repository's configs)", "", "", ""]
-    chosen = "\n".join(f"- `{model}`: {setting.describe()}" for model, setting in winners.items())
+    chosen = "\n".join(f"- `{model}`: {setting.describe()}" for model, setting in winners.items()) or "- none"
     return (f"# Serving configuration search: `{meta['ensemble']}`\n\n"
             f"{meta['server']}; perf_analyzer over HTTP, batch {meta['batch_size']} per request, concurrency "
             f"{meta['concurrency']}, {meta['images']}. Latency budget: p99 <= {meta['budget_ms']:g} ms. Each step's "
@@ -267,7 +267,6 @@ def main(model_repository, ensemble, latency_budget_ms, steps, instances, delays
         trials: list[Trial] = []
         winners: dict[str, Setting] = {}
         for step in chosen_steps:
-            current = current_setting(configs[step])
             tried = []
             for setting in candidates(instances, delays_us, preferred_batch_sizes, configs[step]["max_batch_size"]):
                 search.apply(step, configs[step], setting)
@@ -276,8 +275,12 @@ def main(model_repository, ensemble, latency_budget_ms, steps, instances, delays
                            f"{tried[-1].p99_ms:.0f} ms", err=True)
             trials += tried
             winner = best(tried)
-            winners[step] = winner.setting if winner else current
-            search.apply(step, configs[step], winners[step])
+            if winner is None:  # nothing qualified: the step keeps the repository's config
+                search.client.load_model(step, headers=search.headers, config=json.dumps(configs[step]))
+                click.echo(f"  {step}: no candidate within the budget, its config stays as it is", err=True)
+                continue
+            winners[step] = winner.setting
+            search.apply(step, configs[step], winner.setting)
         meta = {"ensemble": ensemble, "budget_ms": latency_budget_ms, "batch_size": batch_size,
                 "concurrency": concurrency, "server": f"Triton ({server.flavour} flavour)",
                 "images": f"{len(images)} image(s): {', '.join(name for name, _ in images)}"}
