@@ -396,7 +396,7 @@ def test_a_repository_without_weights_says_to_export(tmp_path):
 
 
 def test_a_directory_that_is_no_repository_is_named(tmp_path):
-    with pytest.raises(ServeError, match="not an SSD300 model repository"):
+    with pytest.raises(ServeError, match="not a model repository of ours"):
         TritonServer(tmp_path).start()
 
 
@@ -533,7 +533,7 @@ def test_a_dead_owner_leaves_no_server_ports_or_files(repository, tmp_path, endi
     assert [p.name for p in scratch.iterdir()][0].startswith("ssd-serve-")
     if ending == "Ctrl-C twice":
         serve.process.send_signal(signal.SIGINT)
-        serve.wait_for("stopping", timeout=30)
+        serve.wait_for("stopping", timeout=60)
         serve.process.send_signal(signal.SIGINT)  # do not wait for in-flight requests
         serve.process.wait(30)
         assert "Traceback" not in "\n".join(serve.output)
