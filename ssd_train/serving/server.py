@@ -550,6 +550,9 @@ def main(argv=None) -> None:
         except ServeError as err:
             raise click.ClickException(str(err)) from None
         signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops like Ctrl-C does
+        # Ctrl-C / SIGINT stops it even when started with SIGINT ignored (inherited from a parent that ignores
+        # it, as shells do for background jobs): Python then installs no KeyboardInterrupt handler of its own.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             click.echo(f"starting tritonserver on {model_repository} ...", err=True)
             server.start()
