@@ -533,7 +533,7 @@ def test_a_dead_owner_leaves_no_server_ports_or_files(repository, tmp_path, endi
     assert [p.name for p in scratch.iterdir()][0].startswith("ssd-serve-")
     if ending == "Ctrl-C twice":
         serve.process.send_signal(signal.SIGINT)
-        serve.wait_for("stopping", timeout=60)
+        serve.wait_for("stopping", timeout=30)
         serve.process.send_signal(signal.SIGINT)  # do not wait for in-flight requests
         serve.process.wait(30)
         assert "Traceback" not in "\n".join(serve.output)

@@ -403,7 +403,7 @@ def ssd_torchscript_check(report: Report, model, state: dict) -> tuple[bool, str
             outputs = [t.cpu() for t in loaded(sample.to(device))]
             reference = [t.cpu() for t in ssd_export.traceable(model, "fp32")(sample.to(device))]
     tolerance = ssd_export.TRACE_TOLERANCE[precision]
-    error = ssd_export._check_close(f"{precision} TorchScript", "eager fp32", outputs, reference, tolerance)
+    error = ssd_export.check_candidates(f"{precision} TorchScript", "eager fp32", outputs, reference, tolerance)
     return True, f"on {device}: differs by {error:.1e} at most (tolerance {tolerance:.0e})"
 
 

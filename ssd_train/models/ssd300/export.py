@@ -154,14 +154,14 @@ def write_torchscript(model: nn.Module, precision: str, sample: torch.Tensor, re
             torch.jit.save(traced, str(tmp))
             loaded = torch.jit.load(str(tmp), map_location="cpu").eval()
         outputs = loaded(sample)
-        error = _check_close(f"{io.model_name(precision)} TorchScript", "eager", outputs, reference,
+        error = check_candidates(f"{io.model_name(precision)} TorchScript", "eager", outputs, reference,
                              TRACE_TOLERANCE[precision])
         os.replace(tmp, path)
     log.info("wrote %s (differs from eager fp32 by %.1e at most)", path, error)
     return path, outputs
 
 
-def _check_close(what: str, against: str, got, expected, tolerance: float) -> float:
+def check_candidates(what: str, against: str, got, expected, tolerance: float) -> float:
     """ExportError unless the candidates `got` (boxes, scores) match `expected` within `tolerance`
     (scores are probabilities and boxes lie in [0, 1]: absolute); the largest difference.
 
@@ -219,7 +219,7 @@ def write_onnx(model: nn.Module, sample: torch.Tensor, reference, path: Path) ->
             raise ExportError(f"ONNX export failed: {first_line(err)}") from None
         outputs = _onnxruntime_outputs(tmp, sample)
         if outputs is not None:
-            _check_close("the ONNX model (onnxruntime)", "TorchScript", outputs, reference, ONNX_TOLERANCE)
+            check_candidates("the ONNX model (onnxruntime)", "TorchScript", outputs, reference, ONNX_TOLERANCE)
         os.replace(tmp, path)
     log.info("wrote %s%s", path, "" if outputs is not None else " (onnxruntime not installed: not run)")
     return path
