@@ -116,6 +116,17 @@ def test_the_markdown_has_nvidias_tables_and_says_these_are_cpu_figures(smoke_ru
     assert "n/a (CPU smoke)" in markdown and "**FAIL**" not in markdown
 
 
+def test_one_section_can_be_rerun_alone(tmp_path):
+    result = run_check("--device", "cpu", "--output", str(tmp_path / "out"), "--section", "ssd300 training",
+                       cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert [s["name"] for s in report["sections"]] == ["ssd300 training"]
+    assert report["ssd300"]["training"] and not report["checks"]
+    skipped = {s["what"]: s["reason"] for s in report["skipped"]}
+    assert skipped == {name: "not asked for (--section)" for name in SECTIONS if name != "ssd300 training"}
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")
 def test_without_a_gpu_it_asks_for_the_cpu_smoke_run(tmp_path):
     result = run_check("--output", str(tmp_path / "out"), cwd=tmp_path)

@@ -3,6 +3,7 @@ of under ten minutes on one GPU.
 
     python tools/gpu_check.py --output gpu_check               # on a CUDA machine: the real sizes
     python tools/gpu_check.py --output /tmp/smoke --device cpu  # the CPU smoke run the tests do
+    python tools/gpu_check.py --output rerun --section "ssd300 training"  # one section (repeatable)
 
 It runs from a plain checkout on a bare, air-gapped machine that has torch, torchvision, numpy, onnx and
 onnxruntime (tqdm beside them): it imports no DALI, tritonclient or pycocotools. Sections, in order,
@@ -63,8 +64,9 @@ from ssd_train.models.maskrcnn.model import MaskRCNNSpec, build_maskrcnn  # noqa
 from ssd_train.models.maskrcnn.train import make_optimizer  # noqa: E402
 from ssd_train.models.maskrcnn.train import train_step as maskrcnn_train_step  # noqa: E402
 from ssd_train.models.ssd300 import export as ssd_export  # noqa: E402
-from ssd_train.models.ssd300.benchmark import (BenchmarkResult, benchmark_training, normalize_on_device,  # noqa: E402
-                                               prepare_model, synthetic_images, synthetic_targets, sweep_table)
+from ssd_train.models.ssd300.benchmark import (BenchmarkResult, benchmark_inference, benchmark_training,  # noqa: E402
+                                               normalize_on_device, prepare_model, synthetic_images,
+                                               synthetic_targets, sweep_table)
 from ssd_train.models.ssd300.boxes import SCORE_THRESHOLD, TOPK_PER_CLASS, postprocess  # noqa: E402
 from ssd_train.models.ssd300.inference import scale_to_pixels  # noqa: E402
 from ssd_train.models.ssd300.loss import SSDLoss  # noqa: E402
@@ -252,23 +254,16 @@ def ssd_sample() -> torch.Tensor:
     return torch.stack([to_model_input(Image.open(io.BytesIO(data)).convert("RGB")) for data in sample_images()])
 
 
-def time_forward(model, images: torch.Tensor, device: torch.device, amp: bool, channels_last: bool, warmup: int,
+def time_forward(model, batch: int, device: torch.device, amp: bool, channels_last: bool, warmup: int,
                  iterations: int, precision: str | None = None) -> BenchmarkResult:
-    """The README's inference timing, as `benchmark_inference` does it (host-to-device copy of a uint8
-    batch, normalisation, forward), without the decode + NMS timing that function adds to every
-    measurement: of an untrained model at batch 64 that costs more than the forward; timed once, apart."""
-    host = images.pin_memory() if device.type == "cuda" else images
-
-    @torch.no_grad()
-    def step():
-        batch = normalize_on_device(host.to(device, non_blocking=True))
-        if channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp):
-            model(batch)
-
-    seconds = time_iterations(step, warmup, iterations, device)
-    return BenchmarkResult("inference", len(images), precision or ("amp" if amp else "fp32"), seconds)
+    """The README's inference timing (`benchmark_inference`: host-to-device copy of a uint8 batch,
+    normalisation, forward) without its decode + NMS timing, which is timed once, apart (`decode_share`).
+    `precision`: the label of a model whose precision is its own (the fp16 TorchScript)."""
+    result = benchmark_inference(model, batch, device, amp, warmup, iterations, channels_last,
+                                 time_postprocess=False)
+    if precision:
+        result.precision = precision
+    return result
 
 
 class CudaGraphModel(torch.nn.Module):
@@ -435,8 +430,7 @@ def ssd_inference(report: Report, budget: Budget, state: dict) -> None:
             report.skip(f"ssd300 inference {label}", "the section's time budget is spent")
             return None
         try:
-            result = time_forward(model, synthetic_images(batch), device, amp, layout, sizes.warmup, sizes.iterations,
-                                  precision)
+            result = time_forward(model, batch, device, amp, layout, sizes.warmup, sizes.iterations, precision)
         except Exception as err:  # e.g. out of memory: this measurement only
             report.skip(f"ssd300 inference {label}", f"{type(err).__name__}: {first_line(err)}")
             return None
@@ -544,8 +538,7 @@ def ssd_compile(report: Report, budget: Budget, state: dict) -> None:
                 with torch.no_grad(), autocast(device, amp):
                     compiled(device_batch(batch, device))  # compiles for this shape and precision
                 seconds = time.monotonic() - started
-                result = time_forward(compiled, synthetic_images(batch), device, amp, True, sizes.warmup,
-                                      sizes.iterations)
+                result = time_forward(compiled, batch, device, amp, True, sizes.warmup, sizes.iterations)
             except Exception as err:  # no compiler, unsupported GPU, ...: the variant is skipped
                 report.skip(f"ssd300 inference {label}", f"{type(err).__name__}: {first_line(err)}")
                 break
@@ -784,6 +777,9 @@ def main(argv=None) -> int:
     parser.add_argument("--output", type=Path, required=True, help="Directory for gpu_check.json and gpu_check.md.")
     parser.add_argument("--device", default=None,
                         help="cuda or cuda:N (default when one is visible), or cpu for the smoke run at tiny sizes.")
+    parser.add_argument("--section", action="append", choices=SECTIONS, dest="sections",
+                        help="Run only this section (repeat for several; default: all), e.g. to rerun one that "
+                             "broke without spending the whole run's GPU time again.")
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.device is None and device.type != "cuda":
@@ -799,6 +795,9 @@ def main(argv=None) -> int:
         state["scratch"] = scratch
         for name, section in zip(SECTIONS, (ssd_checks, ssd_inference, ssd_compile, ssd_training, maskrcnn_checks,
                                             maskrcnn_benchmarks)):
+            if args.sections and name not in args.sections:
+                report.skip(name, "not asked for (--section)")
+                continue
             run_section(report, name, section, state)
     report.data["goals"] = goal_rows(report)
     report.write()

@@ -80,8 +80,10 @@ def synthetic_targets(batch_size: int, seed: int = 0) -> tuple[torch.Tensor, tor
 
 
 def benchmark_inference(model: torch.nn.Module, batch_size: int, device: torch.device, amp: bool, warmup: int,
-                        iterations: int, channels_last: bool = True, images: torch.Tensor | None = None
-                        ) -> BenchmarkResult:
+                        iterations: int, channels_last: bool = True, images: torch.Tensor | None = None,
+                        time_postprocess: bool = True) -> BenchmarkResult:
+    """`time_postprocess`: also time decode + NMS of the last batch's outputs (of an untrained model at batch
+    64 that costs more than the forward pass, so a sweep of many variants may leave it out)."""
     model.eval()
     host = images if images is not None else synthetic_images(batch_size)
     if device.type == "cuda":
@@ -98,6 +100,8 @@ def benchmark_inference(model: torch.nn.Module, batch_size: int, device: torch.d
             outputs[:] = model(batch)
 
     seconds = time_iterations(step, warmup, iterations, device)
+    if not time_postprocess:
+        return BenchmarkResult("inference", batch_size, "amp" if amp else "fp32", seconds)
     # Decode + NMS timed apart (the reference's figure excludes it): the cost it adds to serving.
     locs, scores = (t.float() for t in outputs)
     post = time_iterations(lambda: postprocess(locs, scores), min(warmup, 2), iterations, device)
