@@ -7,6 +7,7 @@ requests beside bad ones, or leave servers and files behind when its owner is ki
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io as bytes_io
 import json
 import os
@@ -527,27 +528,34 @@ def test_a_dead_owner_leaves_no_server_ports_or_files(repository, tmp_path, endi
         serve = Serve(repository, env=env, command=command)
     else:
         serve = Serve(repository, "--log-file", str(log), env=env)
-    serve.wait_for("Ctrl-C to stop.", timeout=300)
-    processes = process_tree(serve.process.pid)
-    assert len(processes) >= 4  # owner, watchdog, tritonserver, stubs
-    assert [p.name for p in scratch.iterdir()][0].startswith("ssd-serve-")
-    if ending == "Ctrl-C twice":
-        serve.process.send_signal(signal.SIGINT)
-        serve.wait_for("stopping", timeout=30)
-        serve.process.send_signal(signal.SIGINT)  # do not wait for in-flight requests
-        serve.process.wait(30)
-        assert "Traceback" not in "\n".join(serve.output)
-    else:
-        serve.process.kill()
-        serve.process.wait()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        left = [pid for pid in processes if not gone(pid)]
-        listening = [port for port in serve.ports.values() if listening_addresses(port)]
-        files = list(scratch.iterdir()) + list(Path("/dev/shm").glob(f"ssd-serve-{serve.process.pid}-*"))
-        if not left and not listening and not files:
-            break
-        time.sleep(0.5)
-    assert not left and not listening and not files, (left, listening, files)
-    if ending == "SIGKILL of ssd-serve":
-        assert "Started HTTPService" in log.read_text()  # --log-file kept the server's log
+    processes = [serve.process.pid]
+    try:
+        serve.wait_for("Ctrl-C to stop.", timeout=300)
+        processes = process_tree(serve.process.pid)
+        assert len(processes) >= 4  # owner, watchdog, tritonserver, stubs
+        assert [p.name for p in scratch.iterdir()][0].startswith("ssd-serve-")
+        if ending == "Ctrl-C twice":
+            serve.process.send_signal(signal.SIGINT)
+            serve.wait_for("stopping", timeout=30)
+            serve.process.send_signal(signal.SIGINT)  # do not wait for in-flight requests
+            serve.process.wait(30)
+            assert "Traceback" not in "\n".join(serve.output)
+        else:
+            serve.process.kill()
+            serve.process.wait()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            left = [pid for pid in processes if not gone(pid)]
+            listening = [port for port in serve.ports.values() if listening_addresses(port)]
+            files = list(scratch.iterdir()) + list(Path("/dev/shm").glob(f"ssd-serve-{serve.process.pid}-*"))
+            if not left and not listening and not files:
+                break
+            time.sleep(0.5)
+        assert not left and not listening and not files, (left, listening, files)
+        if ending == "SIGKILL of ssd-serve":
+            assert "Started HTTPService" in log.read_text()  # --log-file kept the server's log
+    finally:  # a failed run leaves no server behind for the rest of the suite
+        for pid in processes:
+            if not gone(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
