@@ -9,18 +9,16 @@ done on its own (its images have their own sizes), so a failure fails only its o
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import from_dlpack
 
 from ssd_common import io
-from ssd_common.labels import LabelMap
 from ssd_common.masks import encode_masks
 from ssd_train.inference import category_lookup
 from ssd_train.models.maskrcnn.export import postprocess
+from ssd_train.serving.python_models import exported_labels, instance_device
 from ssd_train.serving.responses import server_fault
 
 INPUTS = (*io.MASKRCNN_MODEL_OUTPUTS, io.RESIZED_SIZE, io.IMAGE_SIZE)
@@ -28,10 +26,8 @@ INPUTS = (*io.MASKRCNN_MODEL_OUTPUTS, io.RESIZED_SIZE, io.IMAGE_SIZE)
 
 class TritonPythonModel:
     def initialize(self, args):
-        gpu = args["model_instance_kind"] == "GPU" and torch.cuda.is_available()
-        self.device = torch.device(f"cuda:{args['model_instance_device_id']}" if gpu else "cpu")
-        labels = Path(args["model_repository"]) / args["model_version"] / io.LABELS_FILE
-        self.label_map = LabelMap.load(labels)
+        self.device = instance_device(args)
+        self.label_map = exported_labels(args)
         self.categories = category_lookup(self.label_map, "cpu").to(torch.int32).numpy()
 
     def execute(self, requests):

@@ -10,27 +10,22 @@ on this instance's device.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import from_dlpack, to_dlpack
 
 from ssd_common import io
-from ssd_common.labels import LabelMap
 from ssd_train.inference import category_lookup
 from ssd_train.models.ssd300.boxes import select
 from ssd_train.models.ssd300.inference import scale_to_pixels
+from ssd_train.serving.python_models import exported_labels, instance_device
 from ssd_train.serving.responses import server_fault
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        gpu = args["model_instance_kind"] == "GPU" and torch.cuda.is_available()
-        self.device = torch.device(f"cuda:{args['model_instance_device_id']}" if gpu else "cpu")
-        # model_repository is this model's folder; export writes the label map into the version.
-        labels = Path(args["model_repository"]) / args["model_version"] / io.LABELS_FILE
-        self.label_map = LabelMap.load(labels)
+        self.device = instance_device(args)
+        self.label_map = exported_labels(args)
         self.categories = category_lookup(self.label_map, self.device).to(torch.int32)
 
     def execute(self, requests):
