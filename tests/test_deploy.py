@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ssd_common import io
 from ssd_train.serving.server import TritonServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,6 +113,11 @@ def test_the_objects_agree_with_each_other_and_with_ssd_serve(kustomization, tmp
     (metric,) = hpa["spec"]["metrics"]
     records = [rule["record"] for group in kinds["PrometheusRule"]["spec"]["groups"] for rule in group["rules"]]
     assert metric["pods"]["metric"]["name"] in records
+    # ... over the requests of every ensemble a repository may hold (tests/test_serving_maskrcnn.py reads
+    # these counters from a real server)
+    (expression,) = [rule["expr"] for group in kinds["PrometheusRule"]["spec"]["groups"] for rule in group["rules"]
+                     if rule["record"] == metric["pods"]["metric"]["name"]]
+    assert re.findall(r'\{([^}]*)\}', expression) == [f'model=~"{"|".join(io.ENSEMBLES)}"'] * 2
     assert 1 < hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
     assert kinds["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
 

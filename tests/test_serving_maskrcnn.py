@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +161,22 @@ def test_ssd300_is_served_beside_it(server, tiny_checkpoint, shapes_dir):
         result = client.infer(io.ENSEMBLE, [image])
     (expected,) = Predictor.from_checkpoint(tiny_checkpoint).detect(photo)
     assert int(result.as_numpy(io.NUM_DETECTIONS)[0, 0]) == len(expected)
+
+
+def test_each_ensemble_reports_the_counters_the_autoscaler_reads(server):
+    """deploy/'s PrometheusRule divides each ensemble's queue time by its successful requests: a real server
+    reports both counters for both ensembles (each has served requests by now)."""
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
+        metrics = response.read().decode()
+
+    def counter(name: str, model: str) -> float:
+        values = re.findall(rf'^{name}{{[^}}]*model="{model}"[^}}]*}} (\S+)$', metrics, re.MULTILINE)
+        assert values, f"no {name} for {model}"
+        return sum(map(float, values))
+
+    for ensemble in io.ENSEMBLES:
+        assert counter("nv_inference_request_success", ensemble) >= 1
+        assert counter("nv_inference_queue_duration_us", ensemble) > 0
 
 
 def test_exporting_ssd300_again_keeps_the_maskrcnn_export(repository, tiny_checkpoint, tmp_path):
