@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -163,9 +165,32 @@ def test_ssd300_is_served_beside_it(server, tiny_checkpoint, shapes_dir):
     assert int(result.as_numpy(io.NUM_DETECTIONS)[0, 0]) == len(expected)
 
 
-def test_each_ensemble_reports_the_counters_the_autoscaler_reads(server):
+def test_the_soak_tool_soaks_it(server, tmp_path):
+    """tools/soak.py --model maskrcnn: corrupt and oversized images among photos, two clients at once; each
+    bad image is refused as bad input and no photo fails beside it."""
+    summary_file = tmp_path / "soak.json"
+    run = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "tools" / "soak.py"),
+                          "--url", server.grpc_url, "--protocol", "grpc", "--model", io.MASKRCNN_ENSEMBLE,
+                          "--clients", "2", "--requests", "4", "--corrupt-every", "2", "--oversized-every", "3",
+                          "--warmup", "1", "--json-summary", str(summary_file)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    summary = json.loads(summary_file.read_text())
+    # Requests 1..8: 3 and 6 oversized, 2, 4 and 8 corrupt, the other 3 photos.
+    assert (summary["model"], summary["good_requests"], summary["answered"]) == (io.MASKRCNN_ENSEMBLE, 3, 3)
+    assert (summary["bad_requests"], summary["rejected"]) == (5, 5)
+    assert summary["collateral_failures"] == summary["bad_answered"] == 0
+
+
+def test_each_ensemble_reports_the_counters_the_autoscaler_reads(server, shapes_dir):
     """deploy/'s PrometheusRule divides each ensemble's queue time by its successful requests: a real server
-    reports both counters for both ensembles (each has served requests by now)."""
+    reports both counters for both ensembles once each has served a request."""
+    photo = images(shapes_dir)[:1]
+    with httpclient.InferenceServerClient(server.http_url) as client:
+        for ensemble in io.ENSEMBLES:
+            image = httpclient.InferInput(io.IMAGE, [1, len(photo[0])], "UINT8")
+            image.set_data_from_numpy(padded(photo))
+            client.infer(ensemble, [image])
     with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
         metrics = response.read().decode()
 

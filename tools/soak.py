@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Soak a served SSD300 ensemble with hostile traffic and report what it did to the server.
+"""Soak a served ensemble (SSD300's or, with `--model maskrcnn`, Mask R-CNN's) with hostile traffic and report what it did to the server.
 
 C clients (threads, each its own tritonclient connection) send R requests each: real photos, with
 corrupt images (truncated or garbage) and oversized ones (a 20000 x 20000 JPEG of 4.7 MB, 1.2 GB
@@ -16,6 +16,7 @@ when any collateral failure or bad answer happened.
 
     python tools/soak.py --url 127.0.0.1:8000 --clients 8 --requests 50
     python tools/soak.py --url 127.0.0.1:8001 --protocol grpc --corrupt-every 10 --oversized-every 25
+    python tools/soak.py --url 127.0.0.1:8000 --model maskrcnn --clients 4 --requests 20
 
 Memory is read from /proc: of `--server-pid` (and its descendants), else of the local process
 listening on the URL's port; it is left out for remote servers.
@@ -197,13 +198,14 @@ def _client(protocol: str, url: str):
                                                  if protocol == "http" else {}))
 
 
-def _send(tc, client, image: bytes):
+def _send(tc, client, model: str, image: bytes):
+    # both ensembles take the same input (their first step is the same image check)
     tensor = tc.InferInput(io.IMAGE, [1, len(image)], io.ENSEMBLE_INPUT_DTYPES[io.IMAGE])
     tensor.set_data_from_numpy(np.frombuffer(image, np.uint8)[None])
-    return client.infer(io.ENSEMBLE, [tensor])
+    return client.infer(model, [tensor])
 
 
-def run_client(protocol: str, url: str, schedule: list[tuple[str, bytes]], tally: Tally) -> None:
+def run_client(protocol: str, url: str, model: str, schedule: list[tuple[str, bytes]], tally: Tally) -> None:
     from tritonclient.utils import InferenceServerException
 
     tc, client = _client(protocol, url)
@@ -211,7 +213,7 @@ def run_client(protocol: str, url: str, schedule: list[tuple[str, bytes]], tally
         for kind, image in schedule:
             start = time.perf_counter()
             try:
-                _send(tc, client, image)
+                _send(tc, client, model, image)
                 failure = None
             except InferenceServerException as err:
                 failure = err
@@ -255,8 +257,8 @@ def schedules(clients: int, requests: int, corrupt_every: int, oversized_every: 
     return plans
 
 
-def run_phase(protocol: str, url: str, plans: list[list], tally: Tally) -> float:
-    threads = [threading.Thread(target=run_client, args=(protocol, url, plan, tally)) for plan in plans]
+def run_phase(protocol: str, url: str, model: str, plans: list[list], tally: Tally) -> float:
+    threads = [threading.Thread(target=run_client, args=(protocol, url, model, plan, tally)) for plan in plans]
     start = time.perf_counter()
     for thread in threads:
         thread.start()
@@ -278,7 +280,7 @@ def summarise(args, tally: Tally, seconds: float, memory: dict) -> dict:
     bad = tally.rejected + tally.bad_answered + tally.bad_failed_otherwise
     latencies = np.array(tally.latencies) * 1000 if tally.latencies else np.zeros(1)
     return {
-        "url": args.url, "protocol": args.protocol, "clients": args.clients, "requests_per_client": args.requests,
+        "url": args.url, "protocol": args.protocol, "model": args.model, "clients": args.clients, "requests_per_client": args.requests,
         "corrupt_every": args.corrupt_every, "oversized_every": args.oversized_every,
         "good_requests": good, "answered": tally.answered, "bad_requests": bad, "rejected": tally.rejected,
         "collateral_failures": tally.collateral, "bad_answered": tally.bad_answered,
@@ -294,8 +296,8 @@ def format_report(summary: dict) -> str:
 
     rss_warm, rss_end, rss_peak = summary["rss_after_warmup"], summary["rss_at_end"], summary["rss_peak"]
     lines = [
-        f"soak: {summary['clients']} clients x {summary['requests_per_client']} requests against {summary['url']} "
-        f"({summary['protocol']}); every {summary['corrupt_every']}th corrupt, every {summary['oversized_every']}th "
+        f"soak: {summary['clients']} clients x {summary['requests_per_client']} requests to {summary['model']} at "
+        f"{summary['url']} ({summary['protocol']}); every {summary['corrupt_every']}th corrupt, every {summary['oversized_every']}th "
         "oversized",
         f"  answered              {summary['answered']} / {summary['good_requests']} good requests",
         f"  rejected              {summary['rejected']} / {summary['bad_requests']} bad requests (as bad input)",
@@ -316,6 +318,8 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="127.0.0.1:8000", help="host:port of the server (default %(default)s)")
     parser.add_argument("--protocol", choices=("http", "grpc"), default="http")
+    parser.add_argument("--model", choices=tuple(io.ENSEMBLES), default=io.ENSEMBLE,
+                        help="the ensemble to soak (default %(default)s)")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients (default %(default)s)")
     parser.add_argument("--requests", type=int, default=50, help="requests per client (default %(default)s)")
     parser.add_argument("--corrupt-every", type=int, default=10, help="every Nth request corrupt; 0: none")
@@ -333,19 +337,19 @@ def main(argv=None) -> int:
         pid = listening_pid(int(port))
     plans = schedules(args.clients, args.requests, args.corrupt_every, args.oversized_every)
     warm = Tally()
-    run_phase(args.protocol, args.url, [[("good", photos()[0])] * args.warmup] * args.clients, warm)
+    run_phase(args.protocol, args.url, args.model, [[("good", photos()[0])] * args.warmup] * args.clients, warm)
     if warm.collateral:
-        print(f"soak: the server at {args.url} fails good requests before any bad one was sent: "
+        print(f"soak: {args.model} at {args.url} fails good requests before any bad one was sent: "
               f"{next(iter(warm.errors), '')}", file=sys.stderr)
         return 2
     tally = Tally()
     if pid is not None:
         memory = {"rss_after_warmup": tree_rss(pid)}
         with PeakMemory(pid) as peak:
-            seconds = run_phase(args.protocol, args.url, plans, tally)
+            seconds = run_phase(args.protocol, args.url, args.model, plans, tally)
         memory.update(rss_at_end=tree_rss(pid), rss_peak=peak.peak, server_pid=pid)
     else:
-        seconds = run_phase(args.protocol, args.url, plans, tally)
+        seconds = run_phase(args.protocol, args.url, args.model, plans, tally)
         memory = {"rss_after_warmup": None, "rss_at_end": None, "rss_peak": None, "server_pid": None}
     summary = summarise(args, tally, seconds, memory)
     print(format_report(summary))
