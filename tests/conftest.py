@@ -49,24 +49,19 @@ def tiny_checkpoint(tmp_path_factory, shapes_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_maskrcnn_checkpoint(tmp_path_factory, shapes_dir) -> Path:
     """An untrained resnet18 Mask R-CNN checkpoint for the shapes label map (min/max size 128/160), made
-    decisive: its class and mask logits scaled tenfold spread the scores over (0, 1) and push mask
-    probabilities away from 0.5, so no detection or mask pixel hangs on the last bit a kernel rounds."""
+    decisive (`make_decisive`)."""
     import json
 
     from ssd_common.labels import LabelMap
     from ssd_train.checkpoint import save_checkpoint
-    from ssd_train.models.maskrcnn.model import MaskRCNNSpec, build_maskrcnn
+    from ssd_train.models.maskrcnn.model import MaskRCNNSpec, build_maskrcnn, make_decisive
 
     categories = json.loads((shapes_dir / "annotations" / "instances_val2017.json").read_text())["categories"]
     label_map = LabelMap.from_coco_categories(categories)
     spec = MaskRCNNSpec("resnet18", label_map.num_classes, min_size=128, max_size=160, norm="batch",
                         trainable_layers=5)
     torch.manual_seed(0)
-    model = build_maskrcnn(spec).eval()
-    with torch.no_grad():
-        for layer in (model.roi_heads.box_predictor.cls_score, model.roi_heads.mask_predictor.mask_fcn_logits):
-            layer.weight.mul_(10)
-            layer.bias.mul_(10)
+    model = make_decisive(build_maskrcnn(spec).eval())
     path = tmp_path_factory.mktemp("maskrcnn") / "tiny_maskrcnn.pt"
     save_checkpoint(path, {"epoch": 0, "iteration": 0, "model": model.state_dict(), "backbone": "resnet18",
                            "label_map": label_map.to_nvidia(), "categories": label_map.to_json(),

@@ -247,9 +247,8 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, shapes_dir, tiny_checkpoint):
-    """A random-weight resnet18 Mask R-CNN for the shapes label map (min/max size 64/96), made decisive as
-    tests/test_maskrcnn_export.py makes it: class and mask logits scaled tenfold spread the scores and push
-    mask probabilities away from 0.5. (Its score threshold stays the default 0.05: a checkpoint records no
+    """A random-weight resnet18 Mask R-CNN for the shapes label map (min/max size 64/96), made decisive
+    (`make_decisive`). (Its score threshold stays the default 0.05: a checkpoint records no
     other.) Its box regressions are zeroed, so its boxes are anchors, which overlap the shapes: box and mask
     recall are small but not 0. Saved as `fit` saves its checkpoints, exported and served beside the tiny
     SSD300 on one CPU server."""
@@ -257,7 +256,7 @@ def served(tmp_path_factory, shapes_dir, tiny_checkpoint):
 
     from ssd_train.checkpoint import save_checkpoint, training_state
     from ssd_train.export import export_model_repository
-    from ssd_train.models.maskrcnn.model import MaskRCNNSpec, build_maskrcnn
+    from ssd_train.models.maskrcnn.model import MaskRCNNSpec, build_maskrcnn, make_decisive
     from ssd_train.serving.server import TritonServer
 
     root = tmp_path_factory.mktemp("served_maskrcnn")
@@ -265,11 +264,8 @@ def served(tmp_path_factory, shapes_dir, tiny_checkpoint):
     label_map = LabelMap.from_coco_categories(categories)
     spec = MaskRCNNSpec("resnet18", label_map.num_classes, min_size=64, max_size=96)
     torch.manual_seed(0)
-    model = build_maskrcnn(spec).eval()
+    model = make_decisive(build_maskrcnn(spec).eval())
     with torch.no_grad():
-        for layer in (model.roi_heads.box_predictor.cls_score, model.roi_heads.mask_predictor.mask_fcn_logits):
-            layer.weight.mul_(10)
-            layer.bias.mul_(10)
         for layer in (model.rpn.head.bbox_pred, model.roi_heads.box_predictor.bbox_pred):
             layer.weight.zero_()
             layer.bias.zero_()

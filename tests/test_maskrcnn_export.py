@@ -19,7 +19,8 @@ from ssd_train.data import IMAGENET_MEAN, IMAGENET_STD
 from ssd_train.models.maskrcnn.export import (ExportError, ServedMaskRCNN, export_onnx, export_torchscript,
                                               postprocess, preprocess, resized_size, sizes_of)
 from ssd_train.models.maskrcnn.inference import detect
-from ssd_train.models.maskrcnn.model import DETECTIONS_PER_IMAGE, MASK_SIZE, MaskRCNNSpec, build_maskrcnn
+from ssd_train.models.maskrcnn.model import (DETECTIONS_PER_IMAGE, MASK_SIZE, MaskRCNNSpec, build_maskrcnn,
+                                             make_decisive)
 
 SPEC = MaskRCNNSpec("resnet18", num_classes=4, min_size=64, max_size=96)
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*:FutureWarning")  # torch 2.9+ deprecation notes
@@ -52,21 +53,15 @@ def images() -> list[Tensor]:
 
 @pytest.fixture(scope="module")
 def model() -> nn.Module:
-    """A random tiny Mask R-CNN, made decisive: its class and mask logits scaled tenfold spread the
-    scores over (0, 1) and push mask probabilities away from 0.5, so no detection or mask pixel hangs
-    on the last bit a kernel rounds differently. A score threshold of 0.8 keeps a number of detections
-    that varies per image (zero included), so padding and counts are exercised and the mask head stays
+    """A random tiny Mask R-CNN, made decisive (`make_decisive`). A score threshold of 0.8 keeps a number of
+    detections that varies per image (zero included), so padding and counts are exercised and the mask head stays
     cheap; fewer proposals keep the box head cheap too."""
     torch.manual_seed(0)
     model = build_maskrcnn(SPEC).eval()
     model.rpn._pre_nms_top_n["testing"] = 200
     model.rpn._post_nms_top_n["testing"] = 100
     model.roi_heads.score_thresh = 0.8
-    with torch.no_grad():
-        for layer in (model.roi_heads.box_predictor.cls_score, model.roi_heads.mask_predictor.mask_fcn_logits):
-            layer.weight.mul_(10)
-            layer.bias.mul_(10)
-    return model
+    return make_decisive(model)
 
 
 @pytest.fixture(scope="module")

@@ -60,7 +60,7 @@ from ssd_train.inference import autocast  # noqa: E402
 from ssd_train.models.maskrcnn import benchmark as maskrcnn_bench  # noqa: E402
 from ssd_train.models.maskrcnn import export as maskrcnn_export  # noqa: E402
 from ssd_train.models.maskrcnn.inference import decode_image  # noqa: E402
-from ssd_train.models.maskrcnn.model import MaskRCNNSpec, build_maskrcnn  # noqa: E402
+from ssd_train.models.maskrcnn.model import MaskRCNNSpec, build_maskrcnn, make_decisive  # noqa: E402
 from ssd_train.models.maskrcnn.train import make_optimizer  # noqa: E402
 from ssd_train.models.maskrcnn.train import train_step as maskrcnn_train_step  # noqa: E402
 from ssd_train.models.ssd300 import export as ssd_export  # noqa: E402
@@ -581,21 +581,11 @@ def math_name(report: Report) -> str:
 # Mask R-CNN
 
 
-def decisive(model: torch.nn.Module) -> torch.nn.Module:
-    """An untrained model made decisive, as the tests' tiny checkpoint is: class and mask logits scaled
-    tenfold spread its scores over (0, 1), so detections exist and none hangs on the last bit a kernel rounds."""
-    with torch.no_grad():
-        for layer in (model.roi_heads.box_predictor.cls_score, model.roi_heads.mask_predictor.mask_fcn_logits):
-            layer.weight.mul_(10)
-            layer.bias.mul_(10)
-    return model
-
-
 def maskrcnn_checks(report: Report, budget: Budget, state: dict) -> None:
     device, spec = report.device, report.sizes.maskrcnn
     set_math_modes(False)
     torch.manual_seed(0)
-    model = decisive(build_maskrcnn(spec)).to(device).eval()
+    model = make_decisive(build_maskrcnn(spec)).to(device).eval()
     model.roi_heads.detections_per_img = report.sizes.maskrcnn_detections
     images = [decode_image(data).to(device) for data in sample_images()]
     inputs = maskrcnn_export.preprocess(images, spec)

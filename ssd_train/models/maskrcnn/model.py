@@ -141,6 +141,17 @@ def build_maskrcnn(spec: MaskRCNNSpec, backbone_path=None, pretrained_backbone: 
     )
 
 
+def make_decisive(model: torch.nn.Module) -> torch.nn.Module:
+    """An untrained model made decisive, for checks and tests that compare two runs of it: class and mask
+    logits scaled tenfold spread its scores over (0, 1) and push mask probabilities away from 0.5, so
+    detections exist and no detection or mask pixel hangs on the last bit a kernel rounds differently."""
+    with torch.no_grad():
+        for layer in (model.roi_heads.box_predictor.cls_score, model.roi_heads.mask_predictor.mask_fcn_logits):
+            layer.weight.mul_(10)
+            layer.bias.mul_(10)
+    return model
+
+
 def _imagenet_weights(resnet: torch.nn.Module, name: str) -> None:
     weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
     try:
