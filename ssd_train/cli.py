@@ -452,6 +452,36 @@ def export(checkpoint, model_repository, precision, onnx, backbone):
     click.echo(f"serve it with: ssd-serve --model-repository {model_repository}")
 
 
+@cli.command("import-weights")
+@click.argument("weights", type=click.Path(path_type=Path))
+@click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The checkpoint to write (evaluate, predict and export take it).")
+@click.option("--categories", type=click.Path(path_type=Path),
+              help="A COCO annotation file whose categories the weights were trained on [default: torchvision's "
+                   "COCO labels, for weights with 91 classes].")
+@click.option("--min-size", default=800, show_default=True, help="Shorter image side the model was trained at.")
+@click.option("--max-size", default=1333, show_default=True, help="Longer side at most.")
+@user_errors
+def import_weights(weights, output, categories, min_size, max_size):
+    """Turn torchvision-format Mask R-CNN weights (a MaskRCNN state dict, e.g. torchvision's COCO-trained
+    maskrcnn_resnet50_fpn file) into a checkpoint of this toolkit, ready to evaluate, predict and export."""
+    from ssd_train.data.coco import dataset_label_map
+    from ssd_train.models.maskrcnn.torchvision_weights import import_weights as run_import
+
+    label_map = None
+    if categories:
+        try:
+            annotations = json.loads(categories.read_text())
+        except (OSError, ValueError) as err:
+            raise click.ClickException(f"cannot read {categories}: {err}") from None
+        label_map = dataset_label_map(annotations, None, categories)
+    summary = run_import(weights, output, label_map, min_size, max_size)
+    spec = summary["spec"]
+    click.echo(f"wrote {output}: Mask R-CNN {spec['backbone']}-FPN ({spec['norm']} normalisation), "
+               f"{summary['categories']} categories, images {spec['min_size']}/{spec['max_size']}")
+    click.echo(f"export it with: ssd-train export --checkpoint {output}")
+
+
 # ------------------------------------------------------------------------------------------- benchmark
 @cli.command()
 @click.option("--model", "detector", type=click.Choice(DETECTORS), default="ssd300", show_default=True)
