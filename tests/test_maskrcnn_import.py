@@ -6,6 +6,7 @@ or categories that do not fit get one line and no file."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import skimage.data
@@ -17,7 +18,7 @@ from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops import FrozenBatchNorm2d
 
 from ssd_common import io
-from ssd_common.labels import LabelMap
+from ssd_common.labels import COCO_CATEGORIES, LabelMap
 from ssd_train.cli import cli
 from ssd_train.models.maskrcnn.model import make_decisive
 from ssd_train.models.maskrcnn.train import load_for_inference
@@ -82,6 +83,34 @@ def test_an_imported_checkpoint_exports_with_cocos_category_ids(tmp_path):
     assert labels.category_ids() == list(range(1, 91))
     resize = json.loads((tmp_path / "repository" / io.MASKRCNN_PREPROCESS / "1" / io.RESIZE_FILE).read_text())
     assert (resize["min_size"], resize["max_size"]) == (128, 160)
+
+
+def test_an_imported_coco_model_evaluates_on_a_split_of_fewer_categories(tmp_path, shapes_dir):
+    """A COCO split has 80 categories, the model's label map 90 ("N/A" included): evaluation takes a split
+    whose categories the model knows (the shapes split with COCO's first three names here); one category
+    the model does not know is still a one-line error."""
+    torch.save(torchvision_maskrcnn("resnet18", 91, 128, 160).state_dict(), tmp_path / "weights.pth")
+    assert run(tmp_path / "weights.pth", "--output", tmp_path / "coco.pt", "--min-size", "128",
+               "--max-size", "160").exit_code == 0
+    data = tmp_path / "coco_named"
+    shutil.copytree(shapes_dir, data)
+    annotation_file = data / "annotations" / "instances_val2017.json"
+    annotations = json.loads(annotation_file.read_text())
+    names = dict(COCO_CATEGORIES)
+    for category in annotations["categories"]:
+        category["name"] = names[category["id"]]
+    annotation_file.write_text(json.dumps(annotations))
+
+    result = CliRunner().invoke(cli, ["evaluate", "--data", str(data), "--checkpoint", str(tmp_path / "coco.pt"),
+                                      "--json-summary", str(tmp_path / "eval.json")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "eval.json").read_text())
+    assert 0 <= summary["bbox_mAP"] <= 1 and 0 <= summary["segm_mAP"] <= 1
+
+    annotations["categories"][0]["name"] = "ellipse"
+    annotation_file.write_text(json.dumps(annotations))
+    result = CliRunner().invoke(cli, ["evaluate", "--data", str(data), "--checkpoint", str(tmp_path / "coco.pt")])
+    assert result.exit_code == 1 and "label map mismatch" in result.output.strip().splitlines()[-1]
 
 
 def test_other_classes_need_the_categories_they_were_trained_on(tmp_path, shapes_dir):

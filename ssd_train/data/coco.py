@@ -15,12 +15,16 @@ from ssd_train.data.annotations import check_image_files, read_boxes
 __all__ = ["CocoDetection", "CocoImages", "CocoSplit", "DatasetError", "dataset_label_map", "load_annotations"]
 
 
-def dataset_label_map(data: dict, expected: LabelMap | None, source: Path) -> LabelMap:
-    """The label map of an annotation file; when `expected` is given (a checkpoint's), they must agree."""
+def dataset_label_map(data: dict, expected: LabelMap | None, source: Path, covered: bool = False) -> LabelMap:
+    """The label map of an annotation file; when `expected` is given (a checkpoint's), they must agree. With
+    `covered` (evaluation), `expected` may also hold more categories than the file: then it is returned (a
+    model labels by its own map; torchvision's COCO models know ten "N/A" ids no annotation file has)."""
     try:
         found = LabelMap.from_coco_categories(data["categories"])
     except (KeyError, ValueError, TypeError, LabelMapError) as err:
         raise DatasetError(f"{source}: malformed categories ({err})") from None
+    if covered and expected is not None and set(found.categories) <= set(expected.categories):
+        return expected
     if expected is not None and found != expected:
         raise DatasetError(f"label map mismatch: {source} has {found.num_classes - 1} categories "
                            f"({_preview(found)}) but the model was trained on {expected.num_classes - 1} "
@@ -84,7 +88,7 @@ class CocoImages(torch.utils.data.Dataset):
     def __init__(self, root, split: str, transform, label_map: LabelMap | None = None):
         split = CocoSplit(Path(root), split)
         data = load_annotations(split)
-        self.label_map = dataset_label_map(data, label_map, split.annotation_file)
+        self.label_map = dataset_label_map(data, label_map, split.annotation_file, covered=True)
         self.annotation_file = split.annotation_file
         self.images = split_images(split, data)
         check_image_files(path for _, path in self.images)
