@@ -437,8 +437,13 @@ def predict(detector, images, checkpoint, backbone, threshold, output_dir, batch
                                            "(maskrcnn: for a batch of 1).")
 @click.option("--backbone", type=click.Choice(BACKBONES), default=None,
               help="Override the checkpoint's backbone (NVIDIA's SSD300 checkpoints do not record it).")
+@click.option("--score-threshold", type=float, default=None,
+              help="maskrcnn: the box score the served model keeps from [default: the checkpoint's, 0.05, which "
+                   "COCO evaluation wants]; each kept detection costs a mask pasted and encoded per request.")
+@click.option("--detections-per-image", type=int, default=None,
+              help="maskrcnn: at most this many detections per image, best first (1-100) [default: 100].")
 @user_errors
-def export(checkpoint, model_repository, precision, onnx, backbone):
+def export(checkpoint, model_repository, precision, onnx, backbone, score_threshold, detections_per_image):
     """Export a checkpoint (SSD300 or Mask R-CNN, as it records) into a Triton model repository: TorchScript,
     label map, optional ONNX. A repository holds both detectors' ensembles: exporting one keeps the other."""
     from ssd_train.export import export_model_repository
@@ -446,7 +451,8 @@ def export(checkpoint, model_repository, precision, onnx, backbone):
     if precision is None:
         precision = "both" if _detector(None, checkpoint) == "ssd300" else "fp32"
     precisions = ("fp32", "fp16") if precision == "both" else (precision,)
-    written = export_model_repository(checkpoint, model_repository, precisions, onnx=onnx, backbone=backbone)
+    written = export_model_repository(checkpoint, model_repository, precisions, onnx=onnx, backbone=backbone,
+                                      score_threshold=score_threshold, detections_per_image=detections_per_image)
     for path in written:
         click.echo(f"wrote {path}")
     click.echo(f"serve it with: ssd-serve --model-repository {model_repository}")

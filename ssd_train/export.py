@@ -45,9 +45,12 @@ def export_model_repository(
     precisions: Sequence[str] = ("fp32", "fp16"),
     onnx: bool = False,
     backbone: str | None = None,
+    score_threshold: float | None = None,
+    detections_per_image: int | None = None,
 ) -> list[Path]:
     """Export `checkpoint` (SSD300 or Mask R-CNN, as it records) into the model repository `repository`;
-    returns the files written."""
+    returns the files written. `score_threshold` and `detections_per_image` set what the served Mask R-CNN
+    keeps (its checkpoint's by default)."""
     from ssd_train.checkpoint import CheckpointError, detector_of
 
     try:
@@ -59,7 +62,11 @@ def export_model_repository(
 
         if backbone is not None:
             raise ExportError("--backbone is an option of SSD300 checkpoints: a Mask R-CNN checkpoint records its own")
-        return export_repository(checkpoint, repository, precisions, onnx=onnx)
+        return export_repository(checkpoint, repository, precisions, onnx=onnx, score_threshold=score_threshold,
+                                 detections_per_image=detections_per_image)
+    if score_threshold is not None or detections_per_image is not None:
+        raise ExportError("--score-threshold and --detections-per-image are options of Mask R-CNN exports: the "
+                          "served SSD300 keeps NVIDIA's 0.05 and 200 (filter the scores on the client)")
     from ssd_train.models.ssd300.export import export_repository
 
     return export_repository(checkpoint, repository, precisions, onnx=onnx, backbone=backbone)

@@ -135,3 +135,48 @@ def test_export_of_a_maskrcnn_checkpoint_writes_its_ensemble(tiny_maskrcnn_check
                               "--precision", "fp16"), "Mask R-CNN exports fp32 only")
     assert_one_line_error(run("export", "--checkpoint", tiny_maskrcnn_checkpoint, "--model-repository", repository,
                               "--backbone", "resnet50"), "--backbone is an option of SSD300 checkpoints")
+
+
+def test_a_maskrcnn_export_keeps_what_the_serving_threshold_and_cap_allow(tiny_maskrcnn_checkpoint, tiny_checkpoint,
+                                                                          tmp_path):
+    """--score-threshold 0.5 --detections-per-image 3: the served model gives the first three detections of
+    the default export (0.05, 100) that score 0.5 or more: the same boxes, scores, labels and masks."""
+    import torch
+
+    from ssd_common import io
+    from ssd_train.export import quiet_torch, sample_images
+    from ssd_train.models.maskrcnn.export import preprocess
+    from ssd_train.models.maskrcnn.inference import decode_image
+    from ssd_train.models.maskrcnn.model import MaskRCNNSpec
+    from ssd_train.serving.manifest import verify_repository
+
+    outputs = {}
+    for name, options in (("default", []), ("served", ["--score-threshold", "0.5", "--detections-per-image", "3"])):
+        repository = tmp_path / name
+        result = run("export", "--checkpoint", tiny_maskrcnn_checkpoint, "--model-repository", repository, *options)
+        assert result.exit_code == 0, result.output
+        with quiet_torch():
+            model = torch.jit.load(str(repository / io.MASKRCNN_MODEL / "1" / io.TORCHSCRIPT_FILE))
+        images = [decode_image(data) for data in sample_images()]
+        with torch.no_grad():
+            outputs[name] = model(*preprocess(images, MaskRCNNSpec("resnet18", min_size=128, max_size=160)))
+    assert verify_repository(tmp_path / "served")["exports"]["maskrcnn"]["score_threshold"] == 0.5
+    assert verify_repository(tmp_path / "default")["exports"]["maskrcnn"]["detections_per_image"] == 100
+
+    boxes, scores, labels, masks, counts = outputs["default"]
+    kept = 0
+    for i in range(len(counts)):
+        keep = (scores[i, :int(counts[i, 0])] >= 0.5).nonzero()[:3, 0]
+        kept += len(keep)
+        served = [t[i] for t in outputs["served"]]
+        assert int(served[4][0]) == len(keep) and not served[1][len(keep):].any()  # zero padding after them
+        for got, expected in zip(served[:4], (boxes[i], scores[i], labels[i], masks[i])):
+            torch.testing.assert_close(got[:len(keep)], expected[keep])
+    assert kept > 0 and int(counts.sum()) > kept  # the threshold and the cap did drop detections
+
+    for options, message in ((["--score-threshold", "1.5"], "the score threshold must be in [0, 1)"),
+                             (["--detections-per-image", "101"], "detections per image must be 1 to 100")):
+        assert_one_line_error(run("export", "--checkpoint", tiny_maskrcnn_checkpoint, "--model-repository",
+                                  tmp_path / "bad", *options), message)
+    assert_one_line_error(run("export", "--checkpoint", tiny_checkpoint, "--model-repository", tmp_path / "ssd",
+                              "--score-threshold", "0.5"), "are options of Mask R-CNN exports")

@@ -6,8 +6,8 @@ once each:
     original pixels, 28x28 masks pasted at the original size, threshold, RLE)
 
 - `ServedMaskRCNN` wraps a trained torchvision MaskRCNN: it runs the model's backbone, RPN and RoI heads
-  on an already preprocessed batch and returns fixed-size, zero-padded tensors (K = the model's
-  detections per image): boxes [N, K, 4] float32 in resized-image pixels, scores [N, K] float32,
+  on an already preprocessed batch and returns fixed-size, zero-padded tensors (K = the served width,
+  io.MASKRCNN_MAX_DETECTIONS; the model keeps at most its RoI heads' detections per image): boxes [N, K, 4] float32 in resized-image pixels, scores [N, K] float32,
   labels [N, K] int64 (contiguous), masks [N, K, M, M] float32 (the mask head's probabilities for each
   detection's own label, M = 28, not pasted) and counts [N, 1] int64 (valid rows per image, best first).
 - `preprocess` and `postprocess` are the plain-torch reference of the steps around it, with
@@ -76,7 +76,10 @@ class ServedMaskRCNN(nn.Module):
         self.backbone = model.backbone
         self.rpn = model.rpn
         self.roi_heads = model.roi_heads
-        self.detections_per_image: int = int(model.roi_heads.detections_per_img)
+        if model.roi_heads.detections_per_img > io.MASKRCNN_MAX_DETECTIONS:
+            raise ValueError(f"the model keeps {model.roi_heads.detections_per_img} detections per image; the "
+                             f"served outputs hold {io.MASKRCNN_MAX_DETECTIONS}")
+        self.detections_per_image: int = io.MASKRCNN_MAX_DETECTIONS  # the width of the padded outputs
         self.eval()
 
     def forward(self, images: Tensor, image_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -159,11 +162,14 @@ def postprocess(boxes: Tensor, scores: Tensor, labels: Tensor, masks: Tensor, co
 # The model repository
 
 
-def export_repository(checkpoint, repository, precisions=("fp32",), onnx: bool = False) -> list[Path]:
+def export_repository(checkpoint, repository, precisions=("fp32",), onnx: bool = False,
+                      score_threshold: Optional[float] = None, detections_per_image: Optional[int] = None
+                      ) -> list[Path]:
     """`ssd-train export` of a Mask R-CNN checkpoint into `repository`: the configs where it has none,
     `maskrcnn_fp32/1/model.pt` (and with `onnx`, `model.onnx` beside it: fixed batch 1, a hand-off
     artifact), the label map for the postprocess, the checkpoint's resize sizes for the preprocess, and
-    last the manifest. Each model file is verified on the sample photos before it replaces anything."""
+    last the manifest. Each model file is verified on the sample photos before it replaces anything.
+    `score_threshold`, `detections_per_image`: what the served model keeps (`serving_settings`)."""
     from ssd_train.models.maskrcnn.inference import decode_image
     from ssd_train.models.maskrcnn.train import load_for_inference
 
@@ -177,6 +183,7 @@ def export_repository(checkpoint, repository, precisions=("fp32",), onnx: bool =
     except ValueError as err:  # CheckpointError, SpecError, LabelMapError: one line each
         raise ExportError(str(err)) from None
     spec = info["spec"]
+    settings = serving_settings(model, score_threshold, detections_per_image)
     written = install_configs(repository, io.MASKRCNN_MODELS)
     images = [decode_image(data) for data in sample_images()]
     version = repository / io.MASKRCNN_MODEL / "1"
@@ -190,9 +197,28 @@ def export_repository(checkpoint, repository, precisions=("fp32",), onnx: bool =
     written.append(write_export_manifest(repository, "maskrcnn", io.MASKRCNN_MODELS[1:], written,
                                          checkpoint=str(checkpoint), precisions=["fp32"],
                                          classes=label_map.num_classes, backbone=spec.backbone,
-                                         min_size=spec.min_size, max_size=spec.max_size))
+                                         min_size=spec.min_size, max_size=spec.max_size, **settings))
     log.info("exported Mask R-CNN (%s, %d classes) to %s", spec.backbone, label_map.num_classes, repository)
     return written
+
+
+def serving_settings(model: nn.Module, score_threshold: Optional[float], detections_per_image: Optional[int]
+                     ) -> dict:
+    """Set the box score threshold and the detections per image the served model keeps (None: the
+    checkpoint's, the recipe's 0.05 and 100, which COCO evaluation wants). Each served detection costs a
+    mask pasted at the image's size and its RLE: a serving threshold of e.g. 0.5 cuts that work where
+    clients would drop low scores anyway. Returns both, as the manifest records them."""
+    if score_threshold is not None:
+        if not 0 <= score_threshold < 1:
+            raise ExportError(f"the score threshold must be in [0, 1), not {score_threshold}")
+        model.roi_heads.score_thresh = float(score_threshold)
+    if detections_per_image is not None:
+        if not 1 <= detections_per_image <= io.MASKRCNN_MAX_DETECTIONS:
+            raise ExportError(f"detections per image must be 1 to {io.MASKRCNN_MAX_DETECTIONS} (the served "
+                              f"outputs' size), not {detections_per_image}")
+        model.roi_heads.detections_per_img = int(detections_per_image)
+    return {"score_threshold": float(model.roi_heads.score_thresh),
+            "detections_per_image": int(model.roi_heads.detections_per_img)}
 
 
 def resize_json(min_size: int, max_size: int) -> bytes:
