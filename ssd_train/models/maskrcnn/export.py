@@ -7,9 +7,10 @@ once each:
 
 - `ServedMaskRCNN` wraps a trained torchvision MaskRCNN: it runs the model's backbone, RPN and RoI heads
   on an already preprocessed batch and returns fixed-size, zero-padded tensors (K = the served width,
-  io.MASKRCNN_MAX_DETECTIONS; the model keeps at most its RoI heads' detections per image): boxes [N, K, 4] float32 in resized-image pixels, scores [N, K] float32,
-  labels [N, K] int64 (contiguous), masks [N, K, M, M] float32 (the mask head's probabilities for each
-  detection's own label, M = 28, not pasted) and counts [N, 1] int64 (valid rows per image, best first).
+  io.MASKRCNN_MAX_DETECTIONS; the model keeps at most its RoI heads' detections per image): boxes
+  [N, K, 4] float32 in resized-image pixels, scores [N, K] float32, labels [N, K] int64 (contiguous),
+  masks [N, K, M, M] float32 (the mask head's probabilities for each detection's own label, M = 28, not
+  pasted) and counts [N, 1] int64 (valid rows per image, best first).
 - `preprocess` and `postprocess` are the plain-torch reference of the steps around it, with
   GeneralizedRCNNTransform's own math: `postprocess(served(*preprocess(images)))` is what
   `inference.detect(model, images)` returns. The served preprocess (DALI) and postprocess (Python
