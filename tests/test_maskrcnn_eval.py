@@ -185,6 +185,19 @@ def test_detect_gives_masks_at_each_images_own_size(model):
         assert torch.all(one["scores"][:-1] >= one["scores"][1:])  # best first
 
 
+def test_an_image_too_thin_to_resize_has_no_detections_and_fails_no_other(model):
+    """torchvision cannot resize a 1 x 3000 image (its shorter side would become 0 pixels): it gets no
+    detections, as the served model gives it, and the other image of its batch gets its own."""
+    good = torch.rand(3, *SIZES[1])
+    alone = detect(model, [good])[0]
+    thin, found = detect(model, [torch.rand(3, 1, 3000), good])
+    assert len(thin["scores"]) == 0 and thin["boxes"].shape == (0, 4) and thin["masks"].shape == (0, 1, 3000)
+    assert len(alone["scores"]) > 0
+    for key in alone:
+        assert torch.equal(found[key], alone[key])
+    assert len(detect(model, [torch.rand(3, 3000, 1)])[0]["scores"]) == 0
+
+
 def test_detect_with_amp_returns_fp32(model):
     """bf16 autocast on the CPU: outputs are converted back so records and masks look the same."""
     found = detect(model, [torch.rand(3, 40, 56)], amp=True)[0]

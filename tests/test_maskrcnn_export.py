@@ -108,8 +108,8 @@ def test_the_reference_preprocess_is_torchvisions_transform_bit_for_bit(model, i
     spec = MaskRCNNSpec("resnet18", num_classes=4, min_size=800, max_size=1333)
     for height, width in ((480, 640), (427, 640), (333, 500), (1000, 49), (7, 7), (612, 612)):
         image = torch.zeros(3, height, width)
-        assert resized_size(height, width, spec) == tuple(preprocess([image], spec)[1][0].tolist())
-        assert resized_size(height, width, spec) == tuple(_resize_image_and_masks(image, 800, 1333)[0].shape[1:])
+        assert resized_size(height, width, 800, 1333) == tuple(preprocess([image], spec)[1][0].tolist())
+        assert resized_size(height, width, 800, 1333) == tuple(_resize_image_and_masks(image, 800, 1333)[0].shape[1:])
 
 
 def test_served_model_between_reference_pre_and_postprocess_gives_what_detect_gives(served, images, expected):

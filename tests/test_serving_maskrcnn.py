@@ -121,6 +121,17 @@ def test_a_mixed_size_batch_matches_predict_of_the_same_batch(server, predictor,
     assert_same(infer(grpcclient, server.grpc_url, photos), expected)
 
 
+def test_an_image_too_thin_to_resize_gets_no_detections_and_its_neighbour_its_own(server, predictor, shapes_dir):
+    """A 3000 x 1 image resizes to 0 pixels high: served, like predict, it has no detections and fails
+    nothing; the photo beside it in the batch (which sets the batch's padding) gets predict's detections."""
+    photo, thin = images(shapes_dir)[1], encode(np.full((1, 3000, 3), 128, np.uint8), "PNG")
+    expected = predictor.detect([photo, thin])
+    assert expected[0] and not expected[1]
+    outputs = infer(httpclient, server.http_url, [photo, thin])
+    assert_same(outputs, expected)
+    assert outputs[io.IMAGE_SIZE][1].tolist() == [1, 3000]
+
+
 def test_masks_are_compact(server, shapes_dir):
     """COCO RLE of the masks at the original size: bytes per image, against the raw masks' size."""
     outputs = infer(httpclient, server.http_url, images(shapes_dir)[:1])

@@ -46,7 +46,7 @@ from ssd_train.data import IMAGENET_MEAN, IMAGENET_STD  # GeneralizedRCNNTransfo
 from ssd_train.export import (ExportError, atomic_write_bytes, first_line, install_configs, label_map_json,
                               quiet_torch, sample_images, temp_path, write_export_manifest)
 from ssd_train.models.maskrcnn.inference import MASK_THRESHOLD
-from ssd_train.models.maskrcnn.model import MaskRCNNSpec
+from ssd_train.models.maskrcnn.model import MaskRCNNSpec, resized_size
 
 log = logging.getLogger(__name__)
 
@@ -111,14 +111,6 @@ class ServedMaskRCNN(nn.Module):
         return [(size[0], size[1]) for size in image_sizes.unbind(0)]  # type: ignore[misc]
 
 
-def resized_size(height: int, width: int, spec: MaskRCNNSpec) -> tuple[int, int]:
-    """The size GeneralizedRCNNTransform resizes a height x width image to (torchvision's
-    `_resize_image_and_masks`): scale = min(min_size / shorter side, max_size / longer side) in
-    double precision, each side floor(side * scale)."""
-    scale = min(spec.min_size / min(height, width), spec.max_size / max(height, width))
-    return math.floor(height * scale), math.floor(width * scale)
-
-
 def preprocess(images: list[Tensor], spec: MaskRCNNSpec) -> tuple[Tensor, Tensor]:
     """Float [3, h, w] RGB images in [0, 1] -> (batch float32 [N, 3, H, W], image_sizes int64 [N, 2]),
     as GeneralizedRCNNTransform does it: normalise, bilinear resize to `resized_size`, zero-pad to the
@@ -130,7 +122,7 @@ def preprocess(images: list[Tensor], spec: MaskRCNNSpec) -> tuple[Tensor, Tensor
     resized = []
     for image in images:
         image = (image.float() - mean.to(image.device)) / std.to(image.device)
-        size = resized_size(image.shape[-2], image.shape[-1], spec)
+        size = resized_size(image.shape[-2], image.shape[-1], spec.min_size, spec.max_size)
         resized.append(nn.functional.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0])
     sizes = torch.tensor([image.shape[-2:] for image in resized], dtype=torch.int64)
     height, width = (int(math.ceil(int(side) / SIZE_DIVISIBLE) * SIZE_DIVISIBLE) for side in sizes.max(0).values)

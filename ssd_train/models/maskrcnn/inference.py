@@ -25,6 +25,7 @@ from ssd_common.labels import LabelMap
 from ssd_common.masks import encode_mask
 from ssd_train.files import atomic_write
 from ssd_train.inference import autocast, category_lookup
+from ssd_train.models.maskrcnn.model import resized_size
 from ssd_train.serving.image_check import MAX_IMAGE_PIXELS
 
 MASK_THRESHOLD = 0.5  # maskrcnn-benchmark's / torchvision's paste threshold: pixel in the mask if prob > 0.5
@@ -38,20 +39,24 @@ class ImageError(ValueError):
 def detect(model: torch.nn.Module, images: list[torch.Tensor], amp: bool = False) -> list[dict]:
     """Float [3, H, W] images in [0, 1] on the model's device -> per image, best first, on the CPU:
     {"boxes" float32 [N, 4] xyxy input pixels, "scores" float32 [N], "labels" int64 [N] (contiguous),
-    "masks" bool [N, H, W] at that image's size}."""
-    if not images:
-        return []
+    "masks" bool [N, H, W] at that image's size}. An image too thin for the model's resize (a side would
+    become 0 pixels, which torchvision cannot resize to) has no detections, as the served model gives it."""
+    found = [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64),
+              "masks": torch.zeros(0, *image.shape[-2:], dtype=torch.bool)} for image in images]
+    sizes = (int(model.transform.min_size[-1]), int(model.transform.max_size))
+    kept = [i for i, image in enumerate(images) if 0 not in resized_size(*image.shape[-2:], *sizes)]
+    if not kept:
+        return found
     with autocast(images[0].device, amp):
-        outputs = model(images)
+        outputs = model([images[i] for i in kept])
     if isinstance(outputs, tuple):  # a scripted MaskRCNN returns (losses, detections)
         outputs = outputs[1]
-    found = []
-    for out in outputs:
+    for i, out in zip(kept, outputs):
         order = out["scores"].argsort(descending=True, stable=True)
-        found.append({"boxes": out["boxes"][order].float().cpu(),
-                      "scores": out["scores"][order].float().cpu(),
-                      "labels": out["labels"][order].cpu(),
-                      "masks": (out["masks"][order, 0] > MASK_THRESHOLD).cpu()})
+        found[i] = {"boxes": out["boxes"][order].float().cpu(),
+                    "scores": out["scores"][order].float().cpu(),
+                    "labels": out["labels"][order].cpu(),
+                    "masks": (out["masks"][order, 0] > MASK_THRESHOLD).cpu()}
     return found
 
 

@@ -7,6 +7,7 @@ A `MaskRCNNSpec` is what a checkpoint records to rebuild the model (plain JSON t
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -139,6 +140,14 @@ def build_maskrcnn(spec: MaskRCNNSpec, backbone_path=None, pretrained_backbone: 
         box_positive_fraction=ROI_POSITIVE_FRACTION,
         mask_roi_pool=torchvision.ops.MultiScaleRoIAlign(["0", "1", "2", "3"], MASK_ROI_SIZE, sampling_ratio=2),
     )
+
+
+def resized_size(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
+    """The size GeneralizedRCNNTransform resizes a height x width image to (torchvision's
+    `_resize_image_and_masks`): scale = min(min_size / shorter side, max_size / longer side) in
+    double precision, each side floor(side * scale). A side of 0 means the image is too thin to resize."""
+    scale = min(min_size / min(height, width), max_size / max(height, width))
+    return math.floor(height * scale), math.floor(width * scale)
 
 
 def make_decisive(model: torch.nn.Module) -> torch.nn.Module:
