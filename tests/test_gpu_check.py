@@ -96,6 +96,12 @@ def test_training_and_maskrcnn_figures_are_measured(smoke_run):
     assert [(r["batch_size"], r["precision"]) for r in report["ssd300"]["training"]] == [(2, "fp32")]
     for results in (report["ssd300"]["training"], report["maskrcnn"]["inference"], report["maskrcnn"]["training"]):
         assert results and all(r["throughput_mean"] > 0 for r in results)
+    # the served postprocess against the model: pasted here; no RLE timing without pycocotools (as on the GPU host)
+    post = report["maskrcnn"]["postprocess"]
+    assert post["detections_per_image"] == 10 and post["paste_ms"] > 0 and post["forward_ms"] > 0
+    assert post["rle_ms"] is None and post["share_of_forward"] == post["paste_ms"] / post["forward_ms"]
+    skipped = {s["what"]: s["reason"] for s in report["skipped"]}
+    assert "pycocotools is not installed" in skipped["maskrcnn served postprocess RLE"]
 
 
 def test_the_markdown_has_nvidias_tables_and_says_these_are_cpu_figures(smoke_run):
@@ -106,7 +112,8 @@ def test_the_markdown_has_nvidias_tables_and_says_these_are_cpu_figures(smoke_ru
                     "## SSD300 inference variants (images/s)", "## SSD300 decode + NMS at batch 2",
                     "## SSD300 training (images/s, NVIDIA's README format)",
                     "## Mask R-CNN inference (images/s, NVIDIA's README format)",
-                    "## Mask R-CNN training (images/s, NVIDIA's README format)", "## Goals (H100)", "## Skipped"):
+                    "## Mask R-CNN training (images/s, NVIDIA's README format)",
+                    "## Mask R-CNN served postprocess at batch 1", "## Goals (H100)", "## Skipped"):
         assert heading in markdown
     assert ("| Batch size | Throughput - FP32 | Throughput - mixed precision | Throughput speedup (FP32 - mixed "
             "precision) | Weak scaling - FP32 | Weak scaling - mixed precision |") in markdown

@@ -20,7 +20,8 @@ each with a time budget (a measurement that would start past it is skipped, with
 4. SSD300 training, batch 32 and 64, TF32 and AMP, synthetic data, through `train_step` (what `fit` runs).
 5. Mask R-CNN checks: the scripted export agrees with the eager model on the GPU; the served postprocess
    (mask pasting) on DLPack-handed GPU tensors == on the CPU; AMP training loss finite and falling.
-6. Mask R-CNN inference and training in NVIDIA's README table formats.
+6. Mask R-CNN inference and training in NVIDIA's README table formats; the served postprocess (masks
+   pasted on the device, RLE on the CPU when pycocotools is there) as a share of the model's forward pass.
 
 Writes OUTPUT/gpu_check.json and OUTPUT/gpu_check.md (GPU, driver, CUDA and library versions, date),
 rewritten after each section, so an interrupted run still leaves what it measured. Exits 1 when a
@@ -38,6 +39,7 @@ import datetime
 import importlib.metadata
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,6 +56,7 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 from torch.utils.dlpack import from_dlpack, to_dlpack  # noqa: E402
 
+from ssd_common.masks import encode_masks  # noqa: E402
 from ssd_train.benchmark import time_iterations  # noqa: E402
 from ssd_train.export import quiet_torch, sample_images  # noqa: E402
 from ssd_train.inference import autocast  # noqa: E402
@@ -669,6 +672,56 @@ def maskrcnn_benchmarks(report: Report, budget: Budget, state: dict) -> None:
             continue
         data[mode] = [r.summary() for r in results]
         data[f"{mode}_table"] = maskrcnn_bench.table(results, math_name(report), mode)
+    if budget.left() <= 0:
+        report.skip("maskrcnn served postprocess", "the section's time budget is spent")
+        return
+    try:
+        maskrcnn_postprocess_share(report)
+    except Exception as err:  # e.g. out of memory: this measurement only
+        report.skip("maskrcnn served postprocess", f"{type(err).__name__}: {first_line(err)}")
+
+
+def maskrcnn_postprocess_share(report: Report) -> None:
+    """The served postprocess at the benchmark's batch, every image at the detection cap: the masks pasted at
+    the image's size on the device (`export.postprocess`), then RLE-encoded on the CPU (pycocotools, when
+    installed: the GPU machine may lack it), against the served model's forward pass of the same batch."""
+    device, sizes = report.device, report.sizes
+    spec = sizes.maskrcnn
+    torch.manual_seed(0)
+    model = make_decisive(build_maskrcnn(spec)).to(device).eval()
+    model.roi_heads.score_thresh = 0.0  # every image keeps the cap: the postprocess's worst case
+    model.roi_heads.detections_per_img = sizes.maskrcnn_detections
+    served = maskrcnn_export.ServedMaskRCNN(model).eval()
+    images = [image.to(device) for image in maskrcnn_bench.synthetic_images(spec, sizes.maskrcnn_batch)]
+    inputs = maskrcnn_export.preprocess(images, spec)
+    originals = maskrcnn_export.sizes_of(images)
+    with torch.no_grad():
+        outputs = served(*inputs)
+    repeats = max(2, sizes.maskrcnn_iterations // 2)
+
+    def forward():
+        with torch.no_grad():
+            served(*inputs)
+
+    def paste():
+        return maskrcnn_export.postprocess(*outputs, inputs[1], originals)
+
+    timed = {"forward": forward, "paste": paste}
+    pasted = paste()
+    try:
+        encode_masks(pasted[0]["masks"][:1].numpy())  # imports pycocotools, which the GPU machine may lack
+        timed["rle"] = lambda: [encode_masks(image["masks"].numpy()) for image in pasted]
+    except ImportError:
+        report.skip("maskrcnn served postprocess RLE", "pycocotools is not installed (carry its wheel to time it)")
+    ms = {name: 1000 * statistics.fmean(time_iterations(step, 1, repeats, device)) for name, step in timed.items()}
+    detections = int(outputs[4].sum()) / len(images)
+    post = {"batch_size": len(images), "image_size": list(originals[0]), "detections_per_image": detections,
+            "forward_ms": ms["forward"], "paste_ms": ms["paste"], "rle_ms": ms.get("rle"),
+            "share_of_forward": (ms["paste"] + ms.get("rle", 0.0)) / ms["forward"]}
+    report.data["maskrcnn"]["postprocess"] = post
+    report.progress(f"maskrcnn served postprocess batch {len(images)}: paste {ms['paste']:.0f} ms"
+                    + (f", RLE {ms['rle']:.0f} ms" if "rle" in ms else "")
+                    + f", {100 * post['share_of_forward']:.0f}% of the model's {ms['forward']:.0f} ms")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -742,6 +795,16 @@ def markdown(data: dict) -> str:
                 what += (f"; host-to-device copy and `detect` (masks pasted at the image size); box score threshold "
                          f"{threshold}: {sum(found) / len(found):.0f} detections per image")
             lines += ["", f"## Mask R-CNN {mode} (images/s, NVIDIA's README format)", "", what + ".", "", table]
+
+    post = data["maskrcnn"].get("postprocess")
+    if post:
+        rle = "not timed (no pycocotools)" if post["rle_ms"] is None else f"{post['rle_ms']:.1f} ms"
+        lines += ["", f"## Mask R-CNN served postprocess at batch {post['batch_size']}", "",
+                  f"{post['detections_per_image']:.0f} detections per image of {post['image_size'][0]}x"
+                  f"{post['image_size'][1]}: masks pasted on the device {post['paste_ms']:.1f} ms, RLE on the CPU "
+                  f"{rle}; {100 * post['share_of_forward']:.0f}% of the served model's forward pass "
+                  f"({post['forward_ms']:.1f} ms). One postprocess instance keeps up with the model while this is "
+                  "under 100%; `ssd-train export --score-threshold` and more postprocess instances lower it."]
 
     lines += ["", f"## Goals ({GOAL_GPU})", "", "| Goal | Target | Measured | Met |", "|---|---:|---:|---|"]
     for row in data.get("goals", []):
