@@ -17,7 +17,7 @@ from ssd_common.coco_eval import (STAT_NAMES, coco_evaluate, detection_records, 
                                   segmentation_records, write_instance_summary)
 from ssd_common.draw import save_annotated
 from ssd_common.labels import LabelMap
-from ssd_common.masks import decode_mask, encode_mask
+from ssd_common.masks import decode_mask, encode_cropped_mask, encode_mask, encode_masks
 from ssd_train.models.maskrcnn.inference import (ImageError, MaskPredictor, category_lookup, detect,
                                                  evaluate_model, result_records)
 
@@ -85,6 +85,22 @@ def test_masks_survive_an_rle_round_trip(height, width):
         as_bytes = {"size": rle["size"], "counts": rle["counts"].encode()}
         assert np.array_equal(decode_mask(as_bytes), mask)
         assert np.array_equal(mask_util.decode(as_bytes), mask)  # pycocotools reads what we write
+
+
+def test_a_mask_encoded_from_its_crop_is_the_whole_masks_rle():
+    """The served postprocess encodes each mask from its box's region: byte for byte what encoding the
+    whole mask gives, for crops anywhere (borders, corners, the whole mask, empty) and any content."""
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        height, width = rng.integers(1, 30, 2)
+        top, left = rng.integers(0, height), rng.integers(0, width)
+        crop = rng.random((rng.integers(0, height - top + 1), rng.integers(0, width - left + 1))) < rng.choice(
+            [0.0, 0.3, 0.9, 1.0])
+        whole = np.zeros((height, width), bool)
+        whole[top:top + crop.shape[0], left:left + crop.shape[1]] = crop
+        assert encode_cropped_mask(crop, top, left, height, width) == encode_masks(whole[None])[0]
+    with pytest.raises(ValueError, match="does not fit"):
+        encode_cropped_mask(np.ones((3, 3), bool), 2, 0, 4, 4)
 
 
 def test_uncompressed_rle_decodes():

@@ -15,9 +15,10 @@ from PIL import Image, ImageDraw
 from torch import Tensor, nn
 from torchvision.models.detection.transform import _resize_image_and_masks
 
+from ssd_common.masks import encode_masks
 from ssd_train.data import IMAGENET_MEAN, IMAGENET_STD
 from ssd_train.models.maskrcnn.export import (ExportError, ServedMaskRCNN, export_onnx, export_torchscript,
-                                              postprocess, preprocess, resized_size, sizes_of)
+                                              postprocess, postprocess_rle, preprocess, resized_size, sizes_of)
 from ssd_train.models.maskrcnn.inference import detect
 from ssd_train.models.maskrcnn.model import (DETECTIONS_PER_IMAGE, MASK_SIZE, MaskRCNNSpec, build_maskrcnn,
                                              make_decisive)
@@ -120,6 +121,29 @@ def test_served_model_between_reference_pre_and_postprocess_gives_what_detect_gi
     counts = [len(found["boxes"]) for found in expected]
     assert sum(counts) > 0 and len(set(counts)) > 1  # detections, and a number that varies per image
     assert all(found["masks"].flatten(1).any(1).all() for found in expected)  # no empty masks
+
+
+def test_the_served_postprocess_gives_the_reference_masks_rle_bit_for_bit():
+    """postprocess_rle pastes and encodes each mask from its box's region: the same RLE bytes as encoding
+    the reference postprocess's whole-image masks, and the same boxes, scores and labels, for boxes of any
+    size, at the borders and past them, and images with no detection."""
+    torch.manual_seed(0)
+    n, k, resized, original = 3, 40, (160, 213), (120, 160)
+    boxes = torch.rand(n, k, 4) * torch.tensor([213, 160, 213, 160]) - 10
+    scale = torch.tensor([1.0, 5.0, 80.0])[torch.randint(3, (n, k, 1))]  # tiny, small and large boxes
+    boxes[..., 2:] = boxes[..., :2] + torch.rand(n, k, 2) * scale
+    boxes[..., 0::2] = boxes[..., 0::2].clamp(0, 213)
+    boxes[..., 1::2] = boxes[..., 1::2].clamp(0, 160)  # the RoI heads clip boxes to the (resized) image
+    outputs = (boxes, torch.rand(n, k), torch.randint(1, 4, (n, k)), torch.rand(n, k, MASK_SIZE, MASK_SIZE),
+               torch.tensor([[k], [7], [0]]))
+    sizes = torch.tensor([resized] * n)
+    expected = postprocess(*outputs, sizes, [original] * n)
+    got = postprocess_rle(*outputs, sizes, [original] * n)
+    assert [len(image["rles"]) for image in got] == [k, 7, 0]
+    for image, reference in zip(got, expected):
+        assert image["rles"] == encode_masks(reference["masks"].numpy())
+        for key in ("boxes", "scores", "labels"):
+            assert torch.equal(image[key], reference[key])
 
 
 def test_served_outputs_are_fixed_size_zero_padded_and_unpasted(served, images):

@@ -36,6 +36,31 @@ def encode_masks(masks: np.ndarray) -> list[bytes]:
     return [rle["counts"] for rle in rles]
 
 
+def encode_cropped_mask(crop: np.ndarray, top: int, left: int, height: int, width: int) -> bytes:
+    """The compressed COCO RLE counts of a height x width mask that is `crop` (bool) at row `top`, column
+    `left` and zero elsewhere, made from the crop alone: the work follows the crop's area, not the image's.
+    The crop must lie inside the mask. The same bytes as `encode_masks` of the whole mask."""
+    crop = np.asarray(crop, dtype=bool)
+    rows, cols = crop.shape
+    if top < 0 or left < 0 or top + rows > height or left + cols > width:
+        raise ValueError(f"a {rows}x{cols} crop at ({top}, {left}) does not fit a {height}x{width} mask")
+    import pycocotools.mask as mask_util  # here, not at the top: the toolkit imports without pycocotools
+
+    columns, crop_rows = np.nonzero(crop.T)  # the mask's pixels in column-major order
+    positions = (left + columns.astype(np.int64)) * height + top + crop_rows
+    if positions.size == 0:
+        runs = [height * width]
+    else:
+        breaks = np.flatnonzero(np.diff(positions) != 1)
+        starts = positions[np.r_[0, breaks + 1]]
+        ends = positions[np.r_[breaks, positions.size - 1]] + 1
+        counts = np.empty(2 * len(starts) + 1, np.int64)
+        counts[0::2] = np.r_[starts, height * width] - np.r_[0, ends]  # the zeros before each run and after all
+        counts[1::2] = ends - starts
+        runs = counts[:-1].tolist() if counts[-1] == 0 else counts.tolist()  # pycocotools ends with the last run
+    return mask_util.frPyObjects({"counts": runs, "size": [height, width]}, height, width)["counts"]
+
+
 def decode_mask(rle: dict) -> np.ndarray:
     """COCO RLE (compressed counts as str or bytes, or a list of runs) -> bool (H, W) mask.
     Malformed input raises ValueError with a one-line message."""

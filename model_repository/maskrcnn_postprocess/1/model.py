@@ -1,9 +1,10 @@
 """Triton python-backend model: the served Mask R-CNN's outputs -> detections in original-image pixels with
 masks at the original size as COCO compressed RLE.
 
-Pasting and thresholding are `ssd_train.models.maskrcnn.export.postprocess`, the torch reference that
-`ssd-train predict` is tested against; RLE is `ssd_common.masks`. Inputs arrive through DLPack where they
-are (GPU memory on the GPU server): the masks are pasted on this instance's device. Each request is
+Pasting, thresholding and RLE are `ssd_train.models.maskrcnn.export.postprocess_rle`: the masks of the
+torch reference `postprocess` (which `ssd-train predict` is tested against), bit for bit, each pasted and
+encoded from its box's region only. Inputs arrive through DLPack where they are (GPU memory on the GPU
+server): the masks are pasted on this instance's device. Each request is
 done on its own (its images have their own sizes), so a failure fails only its own request.
 """
 
@@ -15,9 +16,8 @@ import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import from_dlpack
 
 from ssd_common import io
-from ssd_common.masks import encode_masks
 from ssd_train.inference import category_lookup
-from ssd_train.models.maskrcnn.export import postprocess
+from ssd_train.models.maskrcnn.export import postprocess_rle
 from ssd_train.serving.python_models import exported_labels, instance_device
 from ssd_train.serving.responses import server_fault
 
@@ -47,7 +47,7 @@ class TritonPythonModel:
         if int(labels.max()) >= self.label_map.num_classes:
             raise ValueError(f"the model gives label {int(labels.max())} but {io.LABELS_FILE} describes "
                              f"{self.label_map.num_classes} classes (background included): re-run ssd-train export")
-        found = postprocess(boxes, scores, labels, masks, counts, resized, sizes.tolist())
+        found = postprocess_rle(boxes, scores, labels, masks, counts, resized, sizes.tolist())
         n, k = len(found), io.MASKRCNN_MAX_DETECTIONS
         out_boxes = np.zeros((n, k, 4), np.float32)
         out_scores = np.zeros((n, k), np.float32)
@@ -60,7 +60,7 @@ class TritonPythonModel:
             out_scores[i, :count] = image["scores"].numpy()
             out_classes[i, :count] = self.categories[image["labels"].numpy()]
             out_counts[i, 0] = count
-            out_masks[i, :count] = encode_masks(image["masks"].numpy())
+            out_masks[i, :count] = image["rles"]
         return pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor(io.DETECTION_BOXES, out_boxes),
             pb_utils.Tensor(io.DETECTION_SCORES, out_scores),

@@ -34,11 +34,12 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import torchvision
 from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
-from torchvision.models.detection.roi_heads import paste_masks_in_image
+from torchvision.models.detection.roi_heads import expand_boxes, expand_masks, paste_masks_in_image
 from torchvision.models.detection.transform import resize_boxes
 
 from ssd_common import io
@@ -148,6 +149,42 @@ def postprocess(boxes: Tensor, scores: Tensor, labels: Tensor, masks: Tensor, co
                       "scores": scores[i, :n][order].float().cpu(),
                       "labels": labels[i, :n][order].cpu(),
                       "masks": (probabilities[order, 0] > MASK_THRESHOLD).cpu()})
+    return found
+
+
+def postprocess_rle(boxes: Tensor, scores: Tensor, labels: Tensor, masks: Tensor, counts: Tensor,
+                    image_sizes: Tensor, original_sizes) -> list[dict]:
+    """`postprocess` with each mask as its compressed COCO RLE counts ("rles", bytes) instead of a bool
+    array: the same masks bit for bit, each made from its box's region alone. A pasted mask is zeros
+    outside that region, so this pastes (torchvision's `paste_masks_in_image` steps: pad, expand the box,
+    bilinear resize to it) and encodes only the region: the work and the bytes leaving the device follow
+    the boxes' area, not the image's. What the served postprocess runs."""
+    from ssd_common.masks import encode_cropped_mask
+
+    found = []
+    for i, (height, width) in enumerate((int(h), int(w)) for h, w in original_sizes):
+        n = int(counts[i])
+        resized = (int(image_sizes[i, 0]), int(image_sizes[i, 1]))
+        image_boxes = resize_boxes(boxes[i, :n].float(), resized, (height, width))
+        padded, scale = expand_masks(masks[i, :n, None].float(), padding=1)
+        pixel_boxes = expand_boxes(image_boxes, scale).to(torch.int64).tolist()
+        order = scores[i, :n].argsort(descending=True, stable=True)
+        rles = []
+        for j in order.tolist():
+            x0, y0, x1, y1 = pixel_boxes[j]
+            box_height, box_width = max(y1 - y0 + 1, 1), max(x1 - x0 + 1, 1)
+            top, bottom, left, right = max(y0, 0), min(y1 + 1, height), max(x0, 0), min(x1 + 1, width)
+            if bottom <= top or right <= left:  # the box misses the image: an empty mask
+                rles.append(encode_cropped_mask(np.zeros((0, 0), bool), 0, 0, height, width))
+                continue
+            region = nn.functional.interpolate(padded[j:j + 1], size=(box_height, box_width), mode="bilinear",
+                                               align_corners=False)[0, 0]
+            crop = region[top - y0:bottom - y0, left - x0:right - x0] > MASK_THRESHOLD
+            rles.append(encode_cropped_mask(crop.cpu().numpy(), top, left, height, width))
+        found.append({"boxes": image_boxes[order].cpu(),
+                      "scores": scores[i, :n][order].float().cpu(),
+                      "labels": labels[i, :n][order].cpu(),
+                      "rles": rles})
     return found
 
 
