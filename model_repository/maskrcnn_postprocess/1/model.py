@@ -4,8 +4,8 @@ masks at the original size as COCO compressed RLE.
 Pasting, thresholding and RLE are `ssd_train.models.maskrcnn.export.postprocess_rle`: the masks of the
 torch reference `postprocess` (which `ssd-train predict` is tested against), bit for bit, each pasted and
 encoded from its box's region only. Inputs arrive through DLPack where they are (GPU memory on the GPU
-server): the masks are pasted on this instance's device. Each request is
-done on its own (its images have their own sizes), so a failure fails only its own request.
+server): the masks are pasted on this instance's device. Each request is done on its own (its images have
+their own sizes), so a failure fails only its own request.
 """
 
 from __future__ import annotations
