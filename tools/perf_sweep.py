@@ -59,16 +59,20 @@ class Run:
         return f"{self.model}_b{self.batch_size}_c{self.concurrency}.csv"
 
 
-def int_list(ctx, param, value: str | None) -> list[int] | None:
-    if value is None:
-        return None
-    try:
-        numbers = [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
-    if not numbers or any(n < 1 for n in numbers):
-        raise click.BadParameter(f"expected positive integers, got {value!r}")
-    return sorted(set(numbers))
+def int_list(minimum: int = 1):
+    """A click callback: comma-separated integers of at least `minimum` -> sorted, without repeats."""
+    def parse(ctx, param, value: str | None) -> list[int] | None:
+        if value is None:
+            return None
+        try:
+            numbers = [int(v) for v in value.split(",") if v.strip()]
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+        if not numbers or any(n < minimum for n in numbers):
+            kind = {0: "non-negative", 1: "positive"}.get(minimum, f"at least {minimum}:")
+            raise click.BadParameter(f"expected {kind} integers, got {value!r}")
+        return sorted(set(numbers))
+    return parse
 
 
 def model_list(ctx, param, value: str) -> list[str]:
@@ -364,9 +368,9 @@ def write_report(out: Path, title: str, header_lines: list[str], sections: list[
 @click.option("--models", "models", default="fp32,fp16,ensemble", callback=model_list,
               help="Any of fp32, fp16 (the SSD models alone), ensemble (SSD300's whole pipeline), maskrcnn "
                    "(Mask R-CNN's whole pipeline) and maskrcnn_model (the Mask R-CNN model alone).")
-@click.option("--batch-sizes", default=None, callback=int_list,
+@click.option("--batch-sizes", default=None, callback=int_list(),
               help="[default: 1,2,4,8,16,32,64, each model's up to its max_batch_size (Mask R-CNN's: 8)]")
-@click.option("--concurrency", default="1", callback=int_list, help="Concurrent requests, e.g. 1,2,4.")
+@click.option("--concurrency", default="1", callback=int_list(), help="Concurrent requests, e.g. 1,2,4.")
 @click.option("--images", "images_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               default=None, help="Directory of JPEG/PNG photos [default: scikit-image's sample photos]")
 @click.option("--num-images", default=8, type=click.IntRange(1), help="Photos used from --images.")

@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules when
 import perf_inputs  # noqa: E402
 import perf_report  # noqa: E402
 from perf_analyzer_env import PerfAnalyzerSetupError, locate  # noqa: E402
+from perf_sweep import int_list  # noqa: E402
 
 from ssd_common import io  # noqa: E402
 from ssd_train.serving.served_repository import CONFIG_FILE, read_config  # noqa: E402
@@ -73,16 +74,6 @@ class Trial:
 
 class SearchError(click.ClickException):
     """A one-line reason the search cannot go on."""
-
-
-def int_list(ctx, param, value: str) -> list[int]:
-    try:
-        numbers = [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
-    if not numbers or any(n < 0 for n in numbers):
-        raise click.BadParameter(f"expected non-negative integers, got {value!r}")
-    return sorted(set(numbers))
 
 
 def current_setting(config: dict) -> Setting:
@@ -210,10 +201,10 @@ def write_config(repository: Path, model: str, setting: Setting, out: Path, note
 @click.option("--steps", default=None, help="Comma-separated step models to tune [default: every step that batches "
                                             "dynamically but the image check (microseconds of CPU work), the "
                                             "TorchScript model first].")
-@click.option("--instances", callback=int_list, default="1,2", show_default=True, help="Instance counts to try.")
-@click.option("--delays-us", callback=int_list, default="0,2000", show_default=True,
+@click.option("--instances", callback=int_list(1), default="1,2", show_default=True, help="Instance counts to try.")
+@click.option("--delays-us", callback=int_list(0), default="0,2000", show_default=True,
               help="Dynamic batching max_queue_delay_microseconds values to try.")
-@click.option("--preferred-batch-sizes", callback=int_list, default="0", show_default=True,
+@click.option("--preferred-batch-sizes", callback=int_list(0), default="0", show_default=True,
               help="Preferred batch sizes to try, one at a time (0: none).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Images per request.")
 @click.option("--concurrency", type=click.IntRange(min=1), default=4, show_default=True,
