@@ -75,6 +75,18 @@ def markdown_tables(text: str) -> dict[str, list[dict[str, str]]]:
     return tables
 
 
+def assert_breakdown(tables, composing: dict, ensemble: str, steps) -> None:
+    """The ensemble's per-model table: its composing models in step order at batch 1 and 2, each row from
+    that model's own CSV."""
+    breakdown = table_under(tables, f"`{ensemble}`: server time")
+    assert [(row["Batch size"], row["Model"]) for row in breakdown] == [
+        (str(b), f"`{step}`") for b in (1, 2) for step in steps]
+    for row in breakdown:
+        stats = composing[row["Model"].strip("`"), int(row["Batch size"])]
+        assert row["Queue (ms)"] == f"{stats['Server Queue'] / 1000:.2f}"
+        assert row["Compute infer (ms)"] == f"{stats['Server Compute Infer'] / 1000:.2f}"
+
+
 def table_under(tables: dict, start: str) -> list[dict[str, str]]:
     found = [rows for heading, rows in tables.items() if heading.startswith(start)]
     assert len(found) == 1, f"one table under a heading starting {start!r}, headings: {list(tables)}"
@@ -261,13 +273,7 @@ def test_tiny_sweep_tables_and_plot_hold_the_measured_numbers(server, tmp_path):
         assert row["Weak scaling"] == f"{100 * ips(io.ENSEMBLE, b) / ips(io.ENSEMBLE, 1):.0f}%"
         assert row["p99 latency (ms)"] == ms(io.ENSEMBLE, b, "p99 latency")
     # Its composing models, in step order, each from its own CSV.
-    breakdown = table_under(tables, f"`{io.ENSEMBLE}`: server time")
-    assert [(row["Batch size"], row["Model"]) for row in breakdown] == [
-        (str(b), f"`{step}`") for b in (1, 2) for step in ENSEMBLE_STEPS]
-    for row in breakdown:
-        stats = composing[row["Model"].strip("`"), int(row["Batch size"])]
-        assert row["Queue (ms)"] == f"{stats['Server Queue'] / 1000:.2f}"
-        assert row["Compute infer (ms)"] == f"{stats['Server Compute Infer'] / 1000:.2f}"
+    assert_breakdown(tables, composing, io.ENSEMBLE, ENSEMBLE_STEPS)
     # Served vs in-process, from the real `ssd-train benchmark --json-summary`.
     summary = json.loads((out / "in_process.json").read_text())
     in_process = {r["batch_size"]: r["throughput_mean"] for r in summary["results"] if r["precision"] == "fp32"}
@@ -383,13 +389,7 @@ def test_tiny_maskrcnn_sweep_tables_hold_the_measured_numbers(maskrcnn_server, t
             assert row["Weak scaling"] == f"{100 * ips(model, b) / ips(model, 1):.0f}%"
             assert row["p50 latency (ms)"] == ms(model, b, "p50 latency")
             assert row["p99 latency (ms)"] == ms(model, b, "p99 latency")
-    breakdown = table_under(tables, f"`{io.MASKRCNN_ENSEMBLE}`: server time")
-    assert [(row["Batch size"], row["Model"]) for row in breakdown] == [
-        (str(b), f"`{step}`") for b in (1, 2) for step in MASKRCNN_STEPS]
-    for row in breakdown:
-        stats = composing[row["Model"].strip("`"), int(row["Batch size"])]
-        assert row["Queue (ms)"] == f"{stats['Server Queue'] / 1000:.2f}"
-        assert row["Compute infer (ms)"] == f"{stats['Server Compute Infer'] / 1000:.2f}"
+    assert_breakdown(tables, composing, io.MASKRCNN_ENSEMBLE, MASKRCNN_STEPS)
     # In-process at the export's sizes and backbone, from the real `ssd-train benchmark --json-summary`.
     summary = json.loads((out / "in_process_maskrcnn.json").read_text())
     assert (summary["spec"]["min_size"], summary["spec"]["max_size"], summary["spec"]["backbone"]) == (
