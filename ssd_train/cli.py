@@ -429,7 +429,8 @@ def predict(detector, images, checkpoint, backbone, threshold, output_dir, batch
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path))
 @click.option("--model-repository", default="model_repository", show_default=True,
               type=click.Path(file_okay=False, path_type=Path),
-              help="Triton model repository to write into (our configs are added where missing).")
+              help="Triton model repository to write into (our configs and model code are added where missing, "
+                   "older model code is replaced).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "both"]), default=None,
               help="TorchScript variants to write [default: ssd300 both (the GPU ensemble serves fp16, the CPU "
                    "flavour fp32); maskrcnn fp32, its only one].")
@@ -442,8 +443,12 @@ def predict(detector, images, checkpoint, backbone, threshold, output_dir, batch
                    "COCO evaluation wants]; each kept detection costs a mask pasted and encoded per request.")
 @click.option("--detections-per-image", type=int, default=None,
               help="maskrcnn: at most this many detections per image, best first (1-100) [default: 100].")
+@click.option("--replace-configs", is_flag=True,
+              help="Replace the repository's configs that declare other tensors than this ssd-train's (an older "
+                   "one's); each is kept as config.pbtxt.previous. Without it, export stops at such a config.")
 @user_errors
-def export(checkpoint, model_repository, precision, onnx, backbone, score_threshold, detections_per_image):
+def export(checkpoint, model_repository, precision, onnx, backbone, score_threshold, detections_per_image,
+           replace_configs):
     """Export a checkpoint (SSD300 or Mask R-CNN, as it records) into a Triton model repository: TorchScript,
     label map, optional ONNX. A repository holds both detectors' ensembles: exporting one keeps the other."""
     from ssd_train.export import export_model_repository
@@ -452,7 +457,8 @@ def export(checkpoint, model_repository, precision, onnx, backbone, score_thresh
         precision = "both" if _detector(None, checkpoint) == "ssd300" else "fp32"
     precisions = ("fp32", "fp16") if precision == "both" else (precision,)
     written = export_model_repository(checkpoint, model_repository, precisions, onnx=onnx, backbone=backbone,
-                                      score_threshold=score_threshold, detections_per_image=detections_per_image)
+                                      score_threshold=score_threshold, detections_per_image=detections_per_image,
+                                      replace_configs=replace_configs)
     for path in written:
         click.echo(f"wrote {path}")
     click.echo(f"serve it with: ssd-serve --model-repository {model_repository}")

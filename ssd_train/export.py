@@ -1,8 +1,9 @@
 """`ssd-train export`: a checkpoint -> the weights of a Triton model repository, for the detector the
 checkpoint holds (`ssd_train.models.ssd300.export`, `ssd_train.models.maskrcnn.export`). The steps they
 share live here:
-- a repository without our configs first gets them (and the python/DALI model code) copied from the
-  package's `model_repository/`, so any empty directory can be exported into and served;
+- the repository gets the configs and model code (python/DALI) of the package's `model_repository/`
+  where it has none, so any empty directory can be exported into and served; code from an older
+  ssd-train is replaced, and a config declaring another interface stops the export (`install_configs`);
 - every file is written atomically (temp file beside it + rename), after its verification;
 - `manifest.json`, last: the SHA-256 of each file the export wrote, so `ssd-serve` can refuse a mixed
   or stale set (`ssd_train.serving.manifest`). One repository holds both detectors: exporting one keeps
@@ -26,13 +27,11 @@ import numpy as np
 import torch
 
 from ssd_common import io
-from ssd_train.serving.manifest import ARTIFACTS, MANIFEST_FILE, write_manifest
-from ssd_train.serving.served_repository import PACKAGE_REPOSITORY
+from ssd_train.serving.manifest import ARTIFACTS, write_manifest
+from ssd_train.serving.served_repository import CONFIG_FILE, PACKAGE_REPOSITORY
 
 log = logging.getLogger(__name__)
 
-# Files of the package repository that export produces or that are build leftovers.
-_ARTIFACTS = shutil.ignore_patterns(*ARTIFACTS, io.DALI_FILE, MANIFEST_FILE, "__pycache__", "*.pyc", "*.tmp")
 
 
 class ExportError(ValueError):
@@ -47,10 +46,11 @@ def export_model_repository(
     backbone: str | None = None,
     score_threshold: float | None = None,
     detections_per_image: int | None = None,
+    replace_configs: bool = False,
 ) -> list[Path]:
     """Export `checkpoint` (SSD300 or Mask R-CNN, as it records) into the model repository `repository`;
     returns the files written. `score_threshold` and `detections_per_image` set what the served Mask R-CNN
-    keeps (its checkpoint's by default)."""
+    keeps (its checkpoint's by default); `replace_configs`: see `install_configs`."""
     from ssd_train.checkpoint import CheckpointError, detector_of
 
     try:
@@ -63,13 +63,14 @@ def export_model_repository(
         if backbone is not None:
             raise ExportError("--backbone is an option of SSD300 checkpoints: a Mask R-CNN checkpoint records its own")
         return export_repository(checkpoint, repository, precisions, onnx=onnx, score_threshold=score_threshold,
-                                 detections_per_image=detections_per_image)
+                                 detections_per_image=detections_per_image, replace_configs=replace_configs)
     if score_threshold is not None or detections_per_image is not None:
         raise ExportError("--score-threshold and --detections-per-image are options of Mask R-CNN exports: the "
                           "served SSD300 keeps NVIDIA's 0.05 and 200 (filter the scores on the client)")
     from ssd_train.models.ssd300.export import export_repository
 
-    return export_repository(checkpoint, repository, precisions, onnx=onnx, backbone=backbone)
+    return export_repository(checkpoint, repository, precisions, onnx=onnx, backbone=backbone,
+                             replace_configs=replace_configs)
 
 
 def write_export_manifest(repository: Path, detector: str, models: Sequence[str], written: list[Path],
@@ -93,24 +94,56 @@ def write_export_manifest(repository: Path, detector: str, models: Sequence[str]
 # Repository layout
 
 
-def install_configs(repository: Path, models: Sequence[str] = io.MODELS,
+PREVIOUS_SUFFIX = ".previous"  # a config or model code that export replaced stays beside its successor
+
+
+def check_configs(repository: Path, models: Sequence[str], replace_configs: bool = False,
+                  source: Path = PACKAGE_REPOSITORY) -> None:
+    """Stop an export, before it writes anything, into a repository holding a config of `models` that
+    declares another interface than this ssd-train's (`served_repository.interface_difference`: an older
+    ssd-train's tensors, which the new weights and code would not fit), unless `replace_configs`. A config
+    differing only in tuning (instances, batching, parameters) is fine: it is kept."""
+    if replace_configs or _is_source(repository, source):
+        return
+    for name in models:
+        config = repository / name / CONFIG_FILE
+        difference = _config_difference(config, source / name / CONFIG_FILE)
+        if difference:
+            raise ExportError(f"{config} {difference} (an older ssd-train's config?): pass --replace-configs to "
+                              f"replace it with this ssd-train's (yours is kept as {CONFIG_FILE}{PREVIOUS_SUFFIX}), "
+                              "then reapply your tuning")
+
+
+def install_configs(repository: Path, models: Sequence[str] = io.MODELS, replace_configs: bool = False,
                     source: Path = PACKAGE_REPOSITORY) -> list[Path]:
-    """Give `repository` each model's config and code from `source` where it has none (existing
-    files are kept: they may be tuned), and a version folder `1/` per model."""
+    """Bring the configs and model code of `models` in `repository` to this ssd-train's (`source`, the
+    package's model repository); returns the files written.
+    - What is missing is copied, and each model gets its version folder `1/`.
+    - A config is kept (it may be tuned) unless it declares another interface: then `check_configs`
+      refuses, or with `replace_configs` it is replaced.
+    - Model code (model.py, dali.py) unlike this ssd-train's is replaced: it imports this package, and an
+      older one's fails there.
+    A replaced file stays beside its successor as NAME.previous."""
+    from ssd_train.serving.served_repository import model_code
+
+    check_configs(repository, models, replace_configs, source)
+    same = _is_source(repository, source)
     written = []
-    try:
-        same = repository.exists() and repository.resolve() == source.resolve()
-    except OSError:
-        same = False
     for name in models:
         target = repository / name
-        if not same and not (target / "config.pbtxt").is_file():
-            if not (source / name / "config.pbtxt").is_file():
+        if not same:
+            if not (target / CONFIG_FILE).is_file() and not (source / name / CONFIG_FILE).is_file():
                 raise ExportError(
-                    f"{target} has no config.pbtxt and the package's model repository ({source}) is "
+                    f"{target} has no {CONFIG_FILE} and the package's model repository ({source}) is "
                     "not available: export into a copy of the project's model_repository"
                 )
-            written += _copy_missing(source / name, target)
+            reference = source / name / CONFIG_FILE
+            replace = replace_configs and _config_difference(target / CONFIG_FILE, reference) is not None
+            if _install(reference, target / CONFIG_FILE, replace):
+                written.append(target / CONFIG_FILE)
+            for code in model_code(name, source):
+                if _install(source / name / code, target / code, replace=True):
+                    written.append(target / code)
         try:
             (target / "1").mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -118,23 +151,44 @@ def install_configs(repository: Path, models: Sequence[str] = io.MODELS,
     return written
 
 
-def _copy_missing(source: Path, target: Path) -> list[Path]:
-    copied = []
-
-    def copy_if_missing(src, dst):
-        dst = Path(dst)
-        if not dst.exists():
-            with temp_path(dst) as tmp:
-                shutil.copy2(src, tmp)
-                os.replace(tmp, dst)
-            copied.append(dst)
-        return dst
-
+def _install(source: Path, target: Path, replace: bool) -> bool:
+    """Copy `source` to `target` where it is missing, or where it differs and `replace` (the old file kept
+    as TARGET.previous); whether it copied."""
+    if not source.is_file():
+        return False
     try:
-        shutil.copytree(source, target, ignore=_ARTIFACTS, copy_function=copy_if_missing, dirs_exist_ok=True)
-    except (OSError, shutil.Error) as err:
-        raise ExportError(f"cannot copy the model configs to {target}: {err}") from None
-    return copied
+        if target.is_file():
+            if not replace or target.read_bytes() == source.read_bytes():
+                return False
+            shutil.copy2(target, target.with_name(target.name + PREVIOUS_SUFFIX))
+            log.warning("replacing %s, unlike this ssd-train's (the old one is kept as %s%s)", target, target.name,
+                        PREVIOUS_SUFFIX)
+        with temp_path(target) as tmp:
+            shutil.copy2(source, tmp)
+            os.replace(tmp, target)
+    except OSError as err:
+        raise ExportError(f"cannot write {target}: {err.strerror}") from None
+    return True
+
+
+def _config_difference(config: Path, reference: Path) -> str | None:
+    """How the config `config` declares another interface than `reference`; None where they agree or
+    either is missing."""
+    from ssd_train.serving.served_repository import ConfigError, interface_difference, read_config
+
+    if not config.is_file() or not reference.is_file():
+        return None
+    try:
+        return interface_difference(read_config(config), read_config(reference))
+    except ConfigError:
+        return "does not parse as a model config"
+
+
+def _is_source(repository: Path, source: Path) -> bool:
+    try:
+        return repository.exists() and repository.resolve() == source.resolve()
+    except OSError:
+        return False
 
 
 # ----------------------------------------------------------------------------------------------

@@ -199,17 +199,70 @@ def test_a_trace_that_disagrees_with_eager_is_an_error_and_writes_nothing(eager,
     assert [p.name for p in path.parent.iterdir()] == [io.TORCHSCRIPT_FILE]
 
 
-def test_existing_configs_are_kept_and_missing_ones_copied(tmp_path):
+def package_config(name: str) -> str:
+    return (PACKAGE_REPOSITORY / name / "config.pbtxt").read_text()
+
+
+def older_config() -> str:
+    """`ssd300_fp32` as ssd-train wrote it before the model ended with the candidates: all 8732 boxes out."""
+    config = package_config(io.MODEL_FP32).replace("dims: [ -1, 200, 4 ]", "dims: [ 4, 8732 ]")
+    assert config != package_config(io.MODEL_FP32)
+    return config
+
+
+def test_tuned_configs_are_kept_and_missing_ones_copied(tmp_path):
     repository = tmp_path / "repository"
-    (repository / io.ENSEMBLE).mkdir(parents=True)
-    tuned = 'name: "ssd300"  # tuned by hand\n'
-    (repository / io.ENSEMBLE / "config.pbtxt").write_text(tuned)
+    tuned = package_config(io.MODEL_FP32).replace("count: 1", "count: 3").replace("1000", "20000")
+    (repository / io.MODEL_FP32).mkdir(parents=True)
+    (repository / io.MODEL_FP32 / "config.pbtxt").write_text(tuned)
     written = install_configs(repository)
-    assert (repository / io.ENSEMBLE / "config.pbtxt").read_text() == tuned
-    assert repository / io.ENSEMBLE / "config.pbtxt" not in written
+    assert (repository / io.MODEL_FP32 / "config.pbtxt").read_text() == tuned
+    assert repository / io.MODEL_FP32 / "config.pbtxt" not in written
     assert repository / io.PREPROCESS / "1" / "dali.py" in written
     assert all((repository / name / "1").is_dir() for name in io.MODELS)
+    assert not list(repository.rglob("*.previous"))
     assert install_configs(repository) == []  # nothing left to copy
+
+
+def test_a_config_of_an_older_ssd_train_stops_the_export_before_it_writes(tiny_checkpoint, tmp_path):
+    repository = tmp_path / "repository"
+    (repository / io.MODEL_FP32).mkdir(parents=True)
+    (repository / io.MODEL_FP32 / "config.pbtxt").write_text(older_config())
+    with pytest.raises(ExportError) as error:
+        export_model_repository(tiny_checkpoint, repository, precisions=["fp32"])
+    assert "\n" not in str(error.value)
+    assert "declares output OUTPUT__0 as FP32 [4, 8732] where this ssd-train's has FP32 [-1, 200, 4]" in str(
+        error.value)
+    assert "--replace-configs" in str(error.value)
+    assert sorted(p.relative_to(repository).as_posix() for p in repository.rglob("*")) == [
+        io.MODEL_FP32, f"{io.MODEL_FP32}/config.pbtxt"]  # nothing written
+    (repository / io.MODEL_FP32 / "config.pbtxt").write_text("input [ {")  # unreadable: refused the same way
+    with pytest.raises(ExportError, match="config.pbtxt does not parse as a model config.*--replace-configs"):
+        install_configs(repository)
+
+
+def test_replacing_configs_takes_only_those_of_another_interface_and_keeps_them(tmp_path):
+    """--replace-configs replaces the older config and leaves a tuned one; older model code is replaced
+    either way (it imports this ssd-train's package). Each replaced file stays beside as .previous."""
+    repository = tmp_path / "repository"
+    install_configs(repository)
+    tuned = package_config(io.MODEL_FP16).replace("count: 1", "count: 2")
+    (repository / io.MODEL_FP16 / "config.pbtxt").write_text(tuned)
+    (repository / io.MODEL_FP32 / "config.pbtxt").write_text(older_config())
+    older_code = "from ssd_train.boxes import postprocess  # a module of an older ssd-train\n"
+    (repository / io.POSTPROCESS / "1" / "model.py").write_text(older_code)
+    written = install_configs(repository, replace_configs=True)
+    assert sorted(p.relative_to(repository).as_posix() for p in written) == [f"{io.MODEL_FP32}/config.pbtxt",
+                                                                             f"{io.POSTPROCESS}/1/model.py"]
+    assert (repository / io.MODEL_FP32 / "config.pbtxt").read_text() == package_config(io.MODEL_FP32)
+    assert (repository / io.MODEL_FP32 / "config.pbtxt.previous").read_text() == older_config()
+    assert (repository / io.MODEL_FP16 / "config.pbtxt").read_text() == tuned
+    assert (repository / io.POSTPROCESS / "1" / "model.py").read_bytes() == (
+        PACKAGE_REPOSITORY / io.POSTPROCESS / "1" / "model.py").read_bytes()
+    assert (repository / io.POSTPROCESS / "1" / "model.py.previous").read_text() == older_code
+    assert len(list(repository.rglob("*.previous"))) == 2
+    (repository / io.PREPROCESS / "1" / "dali.py").write_text("# edited\n")
+    assert install_configs(repository) == [repository / io.PREPROCESS / "1" / "dali.py"]  # code: without the flag
 
 
 def test_a_repository_without_configs_needs_the_package_ones(tmp_path):

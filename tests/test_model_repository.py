@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import re
 import shutil
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from ssd_train.models.ssd300.boxes import MAX_DETECTIONS, TOPK_PER_CLASS
 from ssd_train.export import PACKAGE_REPOSITORY
 from ssd_train.serving import served_repository
 from ssd_train.serving.image_check import ImageLimits
-from ssd_train.serving.served_repository import (ConfigError, derive_repository, model_kind,
+from ssd_train.serving.served_repository import (ConfigError, derive_repository, interface_difference, model_kind,
                                                  read_config)
 
 FP32, INT32, INT64, UINT8, BYTES = mc.TYPE_FP32, mc.TYPE_INT32, mc.TYPE_INT64, mc.TYPE_UINT8, mc.TYPE_STRING
@@ -225,6 +226,58 @@ def test_config_errors_are_one_line(tmp_path):
         read_config(bad)
     with pytest.raises(ConfigError, match="cannot read"):
         read_config(tmp_path / "missing.pbtxt")
+
+
+def edited(config, edit):
+    copy = mc.ModelConfig()
+    copy.CopyFrom(config)
+    edit(copy)
+    return copy
+
+
+def test_the_interface_is_tensors_and_wiring_the_rest_is_tuning(production):
+    model, ensemble = production[io.MODEL_FP32], production[io.ENSEMBLE]
+
+    def difference(config, edit):
+        return interface_difference(edited(config, edit), config)
+
+    assert difference(model, lambda c: setattr(c.instance_group[0], "count", 4)) is None
+    assert difference(model, lambda c: setattr(c, "max_batch_size", 16)) is None
+    assert difference(model, lambda c: setattr(c.dynamic_batching, "max_queue_delay_microseconds", 20000)) is None
+    assert difference(model, lambda c: c.dynamic_batching.preferred_batch_size.append(8)) is None
+    assert difference(model, lambda c: c.parameters["ENABLE_NVFUSER"].MergeFrom(
+        mc.ModelParameter(string_value="no"))) is None
+    assert difference(model, lambda c: c.output[0].ClearField("dims") or c.output[0].dims.extend([4, 8732])) == (
+        f"declares output {io.MODEL_BOXES} as FP32 [4, 8732] where this ssd-train's has FP32 [-1, {TOPK}, 4]")
+    assert difference(model, lambda c: c.output[0].reshape.shape.append(1)) == (
+        f"declares output {io.MODEL_BOXES} otherwise than this ssd-train's")
+    assert difference(model, lambda c: c.output.pop()) == f"has no output {io.MODEL_SCORES}"
+    assert difference(model, lambda c: c.input.add(name="EXTRA")) == "has an input EXTRA that this ssd-train's does not"
+    assert difference(model, lambda c: setattr(c, "platform", "onnxruntime_onnx")) == "has another platform"
+    assert difference(ensemble, lambda c: setattr(c.ensemble_scheduling.step[2], "model_name", io.MODEL_FP32)) == (
+        "wires its steps differently")
+
+
+@pytest.mark.parametrize("case", ["older config", "older code", "missing code"])
+def test_serving_refuses_the_configs_and_code_of_another_ssd_train(tmp_path, case):
+    """What an older ssd-train's export left would fail inside the server (a module it imports moved, a
+    tensor the model no longer gives); ssd-serve says so in one line instead."""
+    production = fake_export(tmp_path)
+    if case == "older config":
+        config = production / io.MODEL_FP32 / "config.pbtxt"
+        config.write_text(config.read_text().replace(f"dims: [ -1, {TOPK}, 4 ]", "dims: [ 4, 8732 ]"))
+        expected = re.escape(f"{config} declares output {io.MODEL_BOXES} as FP32 [4, 8732] ") + ".* --replace-configs"
+    elif case == "older code":
+        code = production / io.POSTPROCESS / "1" / "model.py"
+        code.write_text("from ssd_train.boxes import postprocess\n")
+        expected = re.escape(f"{code} is not this ssd-train's ") + ".* export again"
+    else:
+        code = production / io.PREPROCESS / "1" / "dali.py"
+        code.unlink()
+        expected = re.escape(f"{code} is missing: run this ssd-train's export again")
+    with pytest.raises(ConfigError, match=expected) as error:
+        derive_repository(production, tmp_path / "cpu", "cpu")
+    assert "\n" not in str(error.value)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ Export writes `manifest.json` at the repository's root last, after every file it
 `ssd-serve` checks the repository against it before starting a server. A mixed or stale set -- an
 export that died half-way, a model.pt copied in by hand, an old fp16 model left beside a new fp32
 one -- is refused with one line saying to export again, instead of serving models that disagree.
-Configs and model code are not listed: operators may tune them. A repository serving both detectors
+Configs are not listed, as operators may tune them; model code and the configs' tensors are checked
+against this ssd-train's by `served_repository.package_mismatch`. A repository serving both detectors
 has one manifest: each detector's export replaces its own entries and keeps the other's. Pure Python.
 """
 

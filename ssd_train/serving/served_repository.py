@@ -3,6 +3,9 @@ into a scratch directory: weights and code are symlinked, configs rewritten.
 
 Both flavours:
 - models export has not written weights for (`pytorch_libtorch` without `model.pt`) are left out;
+- a config declaring other tensors than this ssd-train's, or model code other than its own (both left
+  by an older ssd-train's export), is refused in one line (`package_mismatch`): the server would fail
+  while loading it;
 - per-model `parameters` the operator set (`ssd-serve --max-image-pixels` etc. for `ssd300_validate`)
   are written into the derived config.
 The CPU flavour (the server bundled with `nvidia-pytriton` has only the python backend) also
@@ -77,6 +80,67 @@ def model_kind(config: model_config_pb2.ModelConfig) -> str:
     return config.platform or config.backend
 
 
+# What a config declares that the code on each side of the model relies on: what runs it, its tensors and,
+# for an ensemble, how the steps are wired. The rest (instances, batching, max_batch_size, parameters) is
+# tuning an operator may change.
+INTERFACE_FIELDS = ("platform", "backend", "default_model_filename", "input", "output", "ensemble_scheduling")
+
+
+def interface_difference(config: model_config_pb2.ModelConfig, reference: model_config_pb2.ModelConfig
+                         ) -> str | None:
+    """In a few words, where `config` declares another interface than `reference` (this ssd-train's config
+    of the same model); None where they agree."""
+    for field in INTERFACE_FIELDS:
+        if field in ("input", "output"):
+            ours = {t.name: t for t in getattr(reference, field)}
+            theirs = {t.name: t for t in getattr(config, field)}
+            for name in [*ours, *(n for n in theirs if n not in ours)]:
+                if name not in theirs:
+                    return f"has no {field} {name}"
+                if name not in ours:
+                    return f"has an {field} {name} that this ssd-train's does not"
+                if theirs[name] != ours[name]:
+                    if _tensor(theirs[name]) == _tensor(ours[name]):
+                        return f"declares {field} {name} otherwise than this ssd-train's"
+                    return (f"declares {field} {name} as {_tensor(theirs[name])} where this ssd-train's has "
+                            f"{_tensor(ours[name])}")
+        elif getattr(config, field) != getattr(reference, field):
+            return "wires its steps differently" if field == "ensemble_scheduling" else f"has another {field}"
+    return None
+
+
+def package_mismatch(repository: Path, name: str, config: model_config_pb2.ModelConfig,
+                     source: Path = PACKAGE_REPOSITORY) -> str | None:
+    """Why the model `name` of `repository` (its `config` read) would not run with this ssd-train: a config
+    declaring another interface or code other than this ssd-train's (from an older export, or edited by
+    hand); None where it runs, or where this ssd-train has no such model."""
+    reference = source / name / CONFIG_FILE
+    if not reference.is_file():
+        return None
+    difference = interface_difference(config, read_config(reference))
+    if difference:
+        return (f"{repository / name / CONFIG_FILE} {difference} (an older ssd-train's config?): run this "
+                "ssd-train's export with --replace-configs")
+    for code in model_code(name, source):
+        path = repository / name / code
+        if not path.is_file() or path.read_bytes() != (source / name / code).read_bytes():
+            state = "is missing" if not path.is_file() else "is not this ssd-train's (an older export?)"
+            return f"{path} {state}: run this ssd-train's export again"
+    return None
+
+
+def model_code(name: str, source: Path = PACKAGE_REPOSITORY) -> list[Path]:
+    """The code of this ssd-train's model `name`, relative to its folder: a python model's model.py, a DALI
+    pipeline's dali.py. It imports this ssd-train's package, so a repository must hold the same files."""
+    return sorted(path.relative_to(source / name) for path in (source / name).glob(f"{VERSION}/*.py"))
+
+
+def _tensor(tensor) -> str:
+    from tritonclient.grpc import model_config_pb2
+
+    return f"{model_config_pb2.DataType.Name(tensor.data_type).removeprefix('TYPE_')} {list(tensor.dims)}"
+
+
 DERIVED_FLAVOURS = ("gpu", "cpu")
 
 
@@ -101,6 +165,9 @@ def derive_repository(production: Path, target: Path, flavour: str, models=io.MO
         version = target / name / VERSION
         if kind == "pytorch_libtorch" and not (source_version / io.TORCHSCRIPT_FILE).is_file():
             continue
+        reason = package_mismatch(production, name, config)
+        if reason:
+            raise ConfigError(reason)
         version.mkdir(parents=True, exist_ok=True)
         if flavour == "gpu" or kind == "python":
             _link_files(source_version, version)

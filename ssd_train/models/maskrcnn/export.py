@@ -44,8 +44,8 @@ from torchvision.models.detection.transform import resize_boxes
 
 from ssd_common import io
 from ssd_train.data import IMAGENET_MEAN, IMAGENET_STD  # GeneralizedRCNNTransform's defaults, kept by build_maskrcnn
-from ssd_train.export import (ExportError, atomic_write_bytes, first_line, install_configs, label_map_json,
-                              quiet_torch, sample_images, temp_path, write_export_manifest)
+from ssd_train.export import (ExportError, atomic_write_bytes, check_configs, first_line, install_configs,
+                              label_map_json, quiet_torch, sample_images, temp_path, write_export_manifest)
 from ssd_train.models.maskrcnn.inference import MASK_THRESHOLD
 from ssd_train.models.maskrcnn.model import MaskRCNNSpec, resized_size
 
@@ -193,13 +193,14 @@ def postprocess_rle(boxes: Tensor, scores: Tensor, labels: Tensor, masks: Tensor
 
 
 def export_repository(checkpoint, repository, precisions=("fp32",), onnx: bool = False,
-                      score_threshold: Optional[float] = None, detections_per_image: Optional[int] = None
-                      ) -> list[Path]:
-    """`ssd-train export` of a Mask R-CNN checkpoint into `repository`: the configs where it has none,
-    `maskrcnn_fp32/1/model.pt` (and with `onnx`, `model.onnx` beside it: fixed batch 1, a hand-off
-    artifact), the label map for the postprocess, the checkpoint's resize sizes for the preprocess, and
-    last the manifest. Each model file is verified on the sample photos before it replaces anything.
-    `score_threshold`, `detections_per_image`: what the served model keeps (`serving_settings`)."""
+                      score_threshold: Optional[float] = None, detections_per_image: Optional[int] = None,
+                      replace_configs: bool = False) -> list[Path]:
+    """`ssd-train export` of a Mask R-CNN checkpoint into `repository`: `maskrcnn_fp32/1/model.pt` (and
+    with `onnx`, `model.onnx` beside it: fixed batch 1, a hand-off artifact), the label map for the
+    postprocess, the checkpoint's resize sizes for the preprocess, the configs and code they need
+    (`install_configs`), and last the manifest. Each model file is verified on the sample photos before it
+    replaces anything. `score_threshold`, `detections_per_image`: what the served model keeps
+    (`serving_settings`)."""
     from ssd_train.models.maskrcnn.inference import decode_image
     from ssd_train.models.maskrcnn.train import load_for_inference
 
@@ -214,7 +215,8 @@ def export_repository(checkpoint, repository, precisions=("fp32",), onnx: bool =
         raise ExportError(str(err)) from None
     spec = info["spec"]
     settings = serving_settings(model, score_threshold, detections_per_image)
-    written = install_configs(repository, io.MASKRCNN_MODELS)
+    check_configs(repository, io.MASKRCNN_MODELS, replace_configs)
+    written = []
     images = [decode_image(data) for data in sample_images()]
     version = repository / io.MASKRCNN_MODEL / "1"
     written.append(export_torchscript(model, spec, version / io.TORCHSCRIPT_FILE, images))
@@ -224,6 +226,7 @@ def export_repository(checkpoint, repository, precisions=("fp32",), onnx: bool =
                                       label_map_json(label_map)))
     written.append(atomic_write_bytes(repository / io.MASKRCNN_PREPROCESS / "1" / io.RESIZE_FILE,
                                       resize_json(spec.min_size, spec.max_size)))
+    written += install_configs(repository, io.MASKRCNN_MODELS, replace_configs)
     written.append(write_export_manifest(repository, "maskrcnn", io.MASKRCNN_MODELS[1:], written,
                                          checkpoint=str(checkpoint), precisions=["fp32"],
                                          classes=label_map.num_classes, backbone=spec.backbone,

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from ssd_common import io
-from ssd_train.export import (ExportError, atomic_write_bytes, first_line, install_configs, label_map_json,
-                              quiet_torch, sample_images, temp_path, write_export_manifest)
+from ssd_train.export import (ExportError, atomic_write_bytes, check_configs, first_line, install_configs,
+                              label_map_json, quiet_torch, sample_images, temp_path, write_export_manifest)
 from ssd_train.models.ssd300.boxes import SSD300, candidates, default_boxes
 
 log = logging.getLogger(__name__)
@@ -78,12 +78,15 @@ def export_repository(
     precisions: Sequence[str] = PRECISIONS,
     onnx: bool = False,
     backbone: str | None = None,
+    replace_configs: bool = False,
 ) -> list[Path]:
-    """Export `checkpoint` into the model repository `repository`; returns the files written."""
+    """Export `checkpoint` into the model repository `repository`; returns the files written: the weights
+    first, then the configs and code they need (`install_configs`), last the manifest."""
     precisions = _check_precisions(precisions)
     repository = Path(repository)
     model, label_map = _load(checkpoint, backbone)
-    written = install_configs(repository, io.MODELS)
+    check_configs(repository, io.MODELS, replace_configs)
+    written = []
     sample = sample_batch()
     with torch.no_grad():
         eager = onnx_reference = ServedSSD300(model)(sample)
@@ -98,6 +101,7 @@ def export_repository(
             written.append(write_onnx(ServedSSD300(model), sample, onnx_reference, path))
     labels = repository / io.POSTPROCESS / "1" / io.LABELS_FILE
     written.append(atomic_write_bytes(labels, label_map_json(label_map)))
+    written += install_configs(repository, io.MODELS, replace_configs)
     # Last: the manifest makes the files above one consistent set (ssd-serve checks it).
     written.append(write_export_manifest(repository, "ssd300", io.MODELS, written, checkpoint=str(checkpoint),
                                          precisions=list(precisions), classes=label_map.num_classes))
