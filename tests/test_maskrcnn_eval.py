@@ -18,7 +18,7 @@ from ssd_common.coco_eval import (STAT_NAMES, coco_evaluate, detection_records, 
 from ssd_common.draw import save_annotated
 from ssd_common.labels import LabelMap
 from ssd_common.masks import decode_mask, encode_cropped_mask, encode_mask, encode_masks
-from ssd_train.models.maskrcnn.inference import (ImageError, MaskPredictor, category_lookup, detect,
+from ssd_train.models.maskrcnn.inference import (ImageError, MaskPredictor, category_lookup, detect, detect_rle,
                                                  evaluate_model, result_records)
 
 CATEGORIES = [{"id": 3, "name": "square"}, {"id": 7, "name": "disc"}, {"id": 9, "name": "bar"}]
@@ -201,6 +201,20 @@ def test_detect_gives_masks_at_each_images_own_size(model):
         assert torch.all(one["scores"][:-1] >= one["scores"][1:])  # best first
 
 
+def test_detect_rle_gives_the_detections_and_masks_of_detect_bit_for_bit(model):
+    """Evaluation and predict paste and encode each mask from its box's region (`detect_rle`): the same
+    boxes, scores, labels and RLE bytes as pasting every mask at its image's size (`detect`), for a batch
+    of mixed sizes with an image too thin to resize."""
+    images = [torch.rand(3, *SIZES[1]), torch.rand(3, 1, 3000), torch.rand(3, *SIZES[2])]
+    expected, got = detect(model, images), detect_rle(model, images)
+    assert [len(one["rles"]) for one in got] == [len(one["scores"]) for one in expected] == [100, 0, 100]
+    assert all(one["masks"].flatten(1).any(1).any() for one in expected[::2])  # masks to compare
+    for one, reference in zip(got, expected):
+        for key in ("boxes", "scores", "labels"):
+            assert torch.equal(one[key], reference[key])
+        assert one["rles"] == encode_masks(reference["masks"].numpy())
+
+
 def test_an_image_too_thin_to_resize_has_no_detections_and_fails_no_other(model):
     """torchvision cannot resize a 1 x 3000 image (its shorter side would become 0 pixels): it gets no
     detections, as the served model gives it, and the other image of its batch gets its own."""
@@ -219,13 +233,16 @@ def test_detect_with_amp_returns_fp32(model):
     found = detect(model, [torch.rand(3, 40, 56)], amp=True)[0]
     assert found["boxes"].dtype == found["scores"].dtype == torch.float32
     assert found["masks"].shape[1:] == (40, 56) and found["masks"].dtype == torch.bool
+    found = detect_rle(model, [torch.rand(3, 40, 56)], amp=True)[0]
+    assert found["boxes"].dtype == found["scores"].dtype == torch.float32 and len(found["rles"]) > 0
+    assert decode_mask({"size": [40, 56], "counts": found["rles"][0]}).shape == (40, 56)
 
 
 def test_result_records_are_accepted_by_both_evaluations(model, annotations):
     """Model output -> COCO records with dataset category ids, which pycocotools scores as bbox and segm."""
     label_map = LabelMap.from_coco_categories(CATEGORIES)
-    found = detect(model, [torch.rand(3, *SIZES[1])])[0]
-    bbox, segm = result_records(1, found, category_lookup(label_map, "cpu"))
+    found = detect_rle(model, [torch.rand(3, *SIZES[1])])[0]
+    bbox, segm = result_records(1, found, SIZES[1], category_lookup(label_map, "cpu"))
     assert len(bbox) == len(segm) == len(found["scores"])
     assert {r["category_id"] for r in bbox} <= {3, 7, 9}
     assert decode_mask(segm[0]["segmentation"]).shape == SIZES[1]
