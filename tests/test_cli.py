@@ -121,6 +121,22 @@ def test_fit_one_epoch(shapes_dir, tmp_path):
     assert [e["event"] for e in events] == ["start", "epoch", "eval", "end"]
 
 
+def test_export_stops_at_an_older_config_and_replaces_it_when_asked(tiny_checkpoint, tmp_path):
+    from ssd_common import io
+    from ssd_train.export import PACKAGE_REPOSITORY
+
+    config = tmp_path / "repository" / io.MODEL_FP32 / "config.pbtxt"
+    config.parent.mkdir(parents=True)
+    older = (PACKAGE_REPOSITORY / io.MODEL_FP32 / "config.pbtxt").read_text().replace("[ -1, 200, 4 ]", "[ 4, 8732 ]")
+    config.write_text(older)
+    export = ("export", "--checkpoint", tiny_checkpoint, "--model-repository", config.parents[1], "--precision", "fp32")
+    assert_one_line_error(run(*export), f"{config} declares output OUTPUT__0 as FP32 [4, 8732]", "--replace-configs")
+    result = run(*export, "--replace-configs")
+    assert result.exit_code == 0, result.output
+    assert f"wrote {config}" in result.output
+    assert config.with_name("config.pbtxt.previous").read_text() == older
+
+
 def test_export_of_a_maskrcnn_checkpoint_writes_its_ensemble(tiny_maskrcnn_checkpoint, tmp_path):
     from ssd_common import io
 
