@@ -62,15 +62,49 @@ def export_model_repository(
 
         if backbone is not None:
             raise ExportError("--backbone is an option of SSD300 checkpoints: a Mask R-CNN checkpoint records its own")
-        return export_repository(checkpoint, repository, precisions, onnx=onnx, score_threshold=score_threshold,
-                                 detections_per_image=detections_per_image, replace_configs=replace_configs)
-    if score_threshold is not None or detections_per_image is not None:
-        raise ExportError("--score-threshold and --detections-per-image are options of Mask R-CNN exports: the "
-                          "served SSD300 keeps NVIDIA's 0.05 and 200 (filter the scores on the client)")
-    from ssd_train.models.ssd300.export import export_repository
+        options = dict(score_threshold=score_threshold, detections_per_image=detections_per_image)
+    else:
+        from ssd_train.models.ssd300.export import export_repository
 
-    return export_repository(checkpoint, repository, precisions, onnx=onnx, backbone=backbone,
-                             replace_configs=replace_configs)
+        if score_threshold is not None or detections_per_image is not None:
+            raise ExportError("--score-threshold and --detections-per-image are options of Mask R-CNN exports: the "
+                              "served SSD300 keeps NVIDIA's 0.05 and 200 (filter the scores on the client)")
+        options = dict(backbone=backbone)
+    with export_lock(Path(repository)):
+        return export_repository(checkpoint, repository, precisions, onnx=onnx, replace_configs=replace_configs,
+                                 **options)
+
+
+LOCK_FILE = ".export.lock"
+
+
+@contextmanager
+def export_lock(repository: Path):
+    """Hold `repository` for one export at a time. Two at once would mix their files under one manifest,
+    which hashes what is on disk when it is written. The lock is the kernel's (flock): it goes with the
+    process holding it, so a killed export leaves none behind. Linux and macOS; elsewhere no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    try:
+        repository.mkdir(parents=True, exist_ok=True)
+        lock = open(repository / LOCK_FILE, "a+")
+    except OSError as err:
+        raise ExportError(f"cannot write to {repository}: {err.strerror}") from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            raise ExportError(f"another ssd-train export (pid {holder}) is writing into {repository}: wait for it "
+                              "to end") from None
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        yield
 
 
 def write_export_manifest(repository: Path, detector: str, models: Sequence[str], written: list[Path],

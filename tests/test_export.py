@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import io as bytes_io
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +19,8 @@ from PIL import Image
 
 from ssd_train.models.ssd300.checkpoint import load_for_inference
 from ssd_train.data.dali import Preprocessor
-from ssd_train.export import PACKAGE_REPOSITORY, ExportError, export_model_repository, install_configs
+from ssd_train.export import (LOCK_FILE, PACKAGE_REPOSITORY, ExportError, export_lock, export_model_repository,
+                              install_configs)
 from ssd_train.models.ssd300.boxes import TOPK_PER_CLASS, postprocess, select
 from ssd_train.models.ssd300.export import ServedSSD300, sample_batch, write_torchscript
 from ssd_common import io
@@ -235,7 +239,7 @@ def test_a_config_of_an_older_ssd_train_stops_the_export_before_it_writes(tiny_c
         error.value)
     assert "--replace-configs" in str(error.value)
     assert sorted(p.relative_to(repository).as_posix() for p in repository.rglob("*")) == [
-        io.MODEL_FP32, f"{io.MODEL_FP32}/config.pbtxt"]  # nothing written
+        LOCK_FILE, io.MODEL_FP32, f"{io.MODEL_FP32}/config.pbtxt"]  # nothing written
     (repository / io.MODEL_FP32 / "config.pbtxt").write_text("input [ {")  # unreadable: refused the same way
     with pytest.raises(ExportError, match="config.pbtxt does not parse as a model config.*--replace-configs"):
         install_configs(repository)
@@ -263,6 +267,28 @@ def test_replacing_configs_takes_only_those_of_another_interface_and_keeps_them(
     assert len(list(repository.rglob("*.previous"))) == 2
     (repository / io.PREPROCESS / "1" / "dali.py").write_text("# edited\n")
     assert install_configs(repository) == [repository / io.PREPROCESS / "1" / "dali.py"]  # code: without the flag
+
+
+def test_one_export_at_a_time_and_a_killed_one_leaves_no_lock(tiny_checkpoint, tmp_path):
+    """Two exports into one repository would mix their files under one manifest: the second is refused
+    in one line naming the first, and a killed export's lock goes with it."""
+    repository = tmp_path / "repository"
+    with export_lock(repository):
+        with pytest.raises(ExportError, match=rf"another ssd-train export \(pid {os.getpid()}\) is writing into"):
+            export_model_repository(tiny_checkpoint, repository, precisions=["fp32"])
+    assert not list(repository.rglob("*.pt"))
+    code = ("import sys, time; from pathlib import Path; from ssd_train.export import export_lock\n"
+            "with export_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(repository)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(ExportError, match=f"pid {holder.pid}"):
+            export_model_repository(tiny_checkpoint, repository, precisions=["fp32"])
+    finally:
+        holder.kill()
+        holder.wait()
+    export_model_repository(tiny_checkpoint, repository, precisions=["fp32"])
+    assert verify_repository(repository)["exports"]["ssd300"]["precisions"] == ["fp32"]
 
 
 def test_a_repository_without_configs_needs_the_package_ones(tmp_path):
