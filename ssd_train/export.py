@@ -20,14 +20,14 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ssd_common import io
-from ssd_train.serving.manifest import ARTIFACTS, write_manifest
+from ssd_train.serving.manifest import ARTIFACTS, RepositoryBusy, exclusive, write_manifest
 from ssd_train.serving.served_repository import CONFIG_FILE, PACKAGE_REPOSITORY
 
 log = logging.getLogger(__name__)
@@ -75,35 +75,16 @@ def export_model_repository(
                                  **options)
 
 
-LOCK_FILE = ".export.lock"
-
-
 @contextmanager
 def export_lock(repository: Path):
-    """Hold `repository` for one export at a time. Two at once would mix their files under one manifest,
-    which hashes what is on disk when it is written. The lock is the kernel's (flock): it goes with the
-    process holding it, so a killed export leaves none behind. Linux and macOS; elsewhere no lock."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    try:
-        repository.mkdir(parents=True, exist_ok=True)
-        lock = open(repository / LOCK_FILE, "a+")
-    except OSError as err:
-        raise ExportError(f"cannot write to {repository}: {err.strerror}") from None
-    with lock:
+    """`manifest.exclusive`, its errors taking the lock as ExportErrors."""
+    with ExitStack() as held:
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip() or "unknown"
-            raise ExportError(f"another ssd-train export (pid {holder}) is writing into {repository}: wait for it "
-                              "to end") from None
-        lock.truncate(0)
-        lock.write(f"{os.getpid()}\n")
-        lock.flush()
+            held.enter_context(exclusive(repository))
+        except RepositoryBusy as err:
+            raise ExportError(str(err)) from None
+        except OSError as err:
+            raise ExportError(f"cannot write to {repository}: {err.strerror}") from None
         yield
 
 

@@ -19,12 +19,11 @@ from PIL import Image
 
 from ssd_train.models.ssd300.checkpoint import load_for_inference
 from ssd_train.data.dali import Preprocessor
-from ssd_train.export import (LOCK_FILE, PACKAGE_REPOSITORY, ExportError, export_lock, export_model_repository,
-                              install_configs)
+from ssd_train.export import PACKAGE_REPOSITORY, ExportError, export_lock, export_model_repository, install_configs
 from ssd_train.models.ssd300.boxes import TOPK_PER_CLASS, postprocess, select
 from ssd_train.models.ssd300.export import ServedSSD300, sample_batch, write_torchscript
 from ssd_common import io
-from ssd_train.serving.manifest import MANIFEST_FILE, ManifestError, verify_repository
+from ssd_train.serving.manifest import LOCK_FILE, MANIFEST_FILE, ManifestError, verify_repository
 
 DATA_DIR = Path(skimage.data.__file__).parent  # real photos shipped with scikit-image
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*:FutureWarning")  # torch 2.9+ deprecation notes
@@ -269,14 +268,17 @@ def test_replacing_configs_takes_only_those_of_another_interface_and_keeps_them(
     assert install_configs(repository) == [repository / io.PREPROCESS / "1" / "dali.py"]  # code: without the flag
 
 
-def test_one_export_at_a_time_and_a_killed_one_leaves_no_lock(tiny_checkpoint, tmp_path):
+def test_one_export_at_a_time_and_a_killed_one_leaves_no_lock(exported, tiny_checkpoint, tmp_path):
     """Two exports into one repository would mix their files under one manifest: the second is refused
-    in one line naming the first, and a killed export's lock goes with it."""
+    in one line naming the first, serving waits for it, and a killed export's lock goes with it."""
     repository = tmp_path / "repository"
+    shutil.copytree(exported[0], repository)
     with export_lock(repository):
         with pytest.raises(ExportError, match=rf"another ssd-train export \(pid {os.getpid()}\) is writing into"):
             export_model_repository(tiny_checkpoint, repository, precisions=["fp32"])
-    assert not list(repository.rglob("*.pt"))
+        with pytest.raises(ManifestError, match=rf"an ssd-train export \(pid {os.getpid()}\) is writing into"):
+            verify_repository(repository)  # what ssd-serve checks first
+    verify_repository(repository)
     code = ("import sys, time; from pathlib import Path; from ssd_train.export import export_lock\n"
             "with export_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(600)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(repository)], stdout=subprocess.PIPE, text=True)
@@ -287,7 +289,7 @@ def test_one_export_at_a_time_and_a_killed_one_leaves_no_lock(tiny_checkpoint, t
     finally:
         holder.kill()
         holder.wait()
-    export_model_repository(tiny_checkpoint, repository, precisions=["fp32"])
+    export_model_repository(tiny_checkpoint, repository, precisions=["fp32"], onnx=True)  # what `exported` holds
     assert verify_repository(repository)["exports"]["ssd300"]["precisions"] == ["fp32"]
 
 

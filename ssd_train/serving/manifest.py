@@ -6,14 +6,19 @@ export that died half-way, a model.pt copied in by hand, an old fp16 model left 
 one -- is refused with one line saying to export again, instead of serving models that disagree.
 Configs are not listed, as operators may tune them; model code and the configs' tensors are checked
 against this ssd-train's by `served_repository.package_mismatch`. A repository serving both detectors
-has one manifest: each detector's export replaces its own entries and keeps the other's. Pure Python.
+has one manifest: each detector's export replaces its own entries and keeps the other's. One export
+writes into a repository at a time (`exclusive`), and none is served while one does. Pure Python.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ssd_common import io
@@ -78,10 +83,62 @@ def read_manifest(repository: Path) -> dict:
     return manifest
 
 
+LOCK_FILE = ".export.lock"
+
+
+class RepositoryBusy(ValueError):
+    """Another export holds the repository."""
+
+
+@contextmanager
+def exclusive(repository: Path) -> Iterator[None]:
+    """Hold `repository` for one export at a time. Two at once would mix their files under one manifest,
+    which hashes what is on disk when it is written. The lock is the kernel's (flock on LOCK_FILE): it goes
+    with the process holding it, so a killed export leaves none behind. RepositoryBusy (one line, naming
+    the holder) when another holds it; OSError when the repository cannot be written."""
+    repository.mkdir(parents=True, exist_ok=True)
+    with open(repository / LOCK_FILE, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RepositoryBusy(f"another ssd-train export (pid {_holder(lock)}) is writing into {repository}: "
+                                 "wait for it to end") from None
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        yield
+
+
+def export_in_progress(repository: Path) -> str | None:
+    """The pid of the export writing into `repository` now, or None."""
+    try:
+        lock = open(Path(repository) / LOCK_FILE)
+    except OSError:
+        return None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _holder(lock)
+        except OSError:  # a filesystem without locks: nothing to learn
+            return None
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    return None
+
+
+def _holder(lock) -> str:
+    lock.seek(0)
+    return lock.read().strip() or "unknown"
+
+
 def verify_repository(repository: Path) -> dict:
     """The manifest, if every artifact in `repository` is one it lists, unchanged, and none it
-    lists is missing; ManifestError (one line) otherwise."""
+    lists is missing, and no export is writing into it; ManifestError (one line) otherwise."""
     repository = Path(repository)
+    writer = export_in_progress(repository)
+    if writer:
+        raise ManifestError(f"an ssd-train export (pid {writer}) is writing into {repository}: serve it once that "
+                            "export has ended")
     manifest = read_manifest(repository)
     listed = manifest["files"]
     for rel in artifact_files(repository):
