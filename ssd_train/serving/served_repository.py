@@ -109,23 +109,24 @@ def interface_difference(config: model_config_pb2.ModelConfig, reference: model_
     return None
 
 
-def package_mismatch(repository: Path, name: str, config: model_config_pb2.ModelConfig,
+def package_mismatch(repository: Path, configs: dict[str, model_config_pb2.ModelConfig],
                      source: Path = PACKAGE_REPOSITORY) -> str | None:
-    """Why the model `name` of `repository` (its `config` read) would not run with this ssd-train: a config
-    declaring another interface or code other than this ssd-train's (from an older export, or edited by
-    hand); None where it runs, or where this ssd-train has no such model."""
-    reference = source / name / CONFIG_FILE
-    if not reference.is_file():
-        return None
-    difference = interface_difference(config, read_config(reference))
-    if difference:
-        return (f"{repository / name / CONFIG_FILE} {difference} (an older ssd-train's config?): run this "
-                "ssd-train's export with --replace-configs")
-    for code in model_code(name, source):
-        path = repository / name / code
-        if not path.is_file() or path.read_bytes() != (source / name / code).read_bytes():
-            state = "is missing" if not path.is_file() else "is not this ssd-train's (an older export?)"
-            return f"{path} {state}: run this ssd-train's export again"
+    """Why models of `repository` ({name: its config}) would not run with this ssd-train: a config declaring
+    another interface, or model code other than this ssd-train's (both left by an older ssd-train's export,
+    or edited by hand); None where they run. Configs first: the export that replaces them also brings the
+    code. Models this ssd-train has not are not checked."""
+    for name, config in configs.items():
+        reference = source / name / CONFIG_FILE
+        difference = interface_difference(config, read_config(reference)) if reference.is_file() else None
+        if difference:
+            return (f"{repository / name / CONFIG_FILE} {difference} (an older ssd-train's config?): run this "
+                    "ssd-train's export with --replace-configs")
+    for name in configs:
+        for code in model_code(name, source):
+            path = repository / name / code
+            if not path.is_file() or path.read_bytes() != (source / name / code).read_bytes():
+                state = "is missing" if not path.is_file() else "is not this ssd-train's (an older export?)"
+                return f"{path} {state}: run this ssd-train's export again"
     return None
 
 
@@ -155,19 +156,23 @@ def derive_repository(production: Path, target: Path, flavour: str, models=io.MO
         raise ValueError(f"flavour must be one of {DERIVED_FLAVOURS}, not {flavour!r}")
     production, target = Path(production).resolve(), Path(target)
     parameters = parameters or {}
-    derived = []
+    chosen = {}
     for name in models:
         config = read_config(production / name / CONFIG_FILE)
         if config.name and config.name != name:
             raise ConfigError(f"{production / name / CONFIG_FILE} names its model {config.name!r}, not {name!r}")
+        weights = production / name / VERSION / io.TORCHSCRIPT_FILE
+        if model_kind(config) == "pytorch_libtorch" and not weights.is_file():
+            continue
+        chosen[name] = config
+    reason = package_mismatch(production, chosen)
+    if reason:
+        raise ConfigError(reason)
+    derived = []
+    for name, config in chosen.items():
         kind = model_kind(config)
         source_version = production / name / VERSION
         version = target / name / VERSION
-        if kind == "pytorch_libtorch" and not (source_version / io.TORCHSCRIPT_FILE).is_file():
-            continue
-        reason = package_mismatch(production, name, config)
-        if reason:
-            raise ConfigError(reason)
         version.mkdir(parents=True, exist_ok=True)
         if flavour == "gpu" or kind == "python":
             _link_files(source_version, version)
