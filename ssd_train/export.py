@@ -33,7 +33,6 @@ from ssd_train.serving.served_repository import CONFIG_FILE, PACKAGE_REPOSITORY
 log = logging.getLogger(__name__)
 
 
-
 class ExportError(ValueError):
     """The checkpoint cannot be exported, or an exported model disagrees with the eager one."""
 

@@ -103,6 +103,9 @@ def exclusive(repository: Path) -> Iterator[None]:
         except BlockingIOError:
             raise RepositoryBusy(f"another ssd-train export (pid {_holder(lock)}) is writing into {repository}: "
                                  "wait for it to end") from None
+        except OSError:  # a filesystem without locks (some network ones): unguarded, as exports were before
+            yield
+            return
         lock.truncate(0)
         lock.write(f"{os.getpid()}\n")
         lock.flush()
