@@ -850,6 +850,32 @@ def test_cli_errors_are_one_line():
     assert "/nonexistent" in result.output and result.output.startswith("Error: ")
     result = run_cli(cli, "detect", DATA_DIR / "rocket.jpg", "--labels", "/nonexistent/labels.json")
     assert result.exit_code == 1 and "cannot read label map /nonexistent/labels.json" in result.output
+    result = run_cli(cli, "status", "--url", url)
+    assert result.output.strip() == (f"Error: cannot reach the Triton server at {url} (http): is it running? "
+                                     "([Errno 111] Connection refused)")
+
+
+def test_status_rows_read_both_protocols_statistics():
+    """HTTP writes the statistics' int64 as numbers, gRPC's JSON as strings; a model without statistics
+    (or a server that restricts them) keeps its name and state."""
+    from ssd_client.status import format_status, model_row
+
+    times = {"success": 30_000_000, "fail": 5, "queue": 3_000_000, "compute_input": 1_000_000,
+             "compute_infer": 20_000_000, "compute_output": 0}
+    http = {"inference_count": 6, "execution_count": 4,
+            "inference_stats": {key: {"count": 1 if key == "fail" else 3, "ns": ns} for key, ns in times.items()}}
+    grpc = json.loads(json.dumps(http), parse_int=str)
+    entry = {"name": "ssd300", "version": "1", "state": "READY"}
+    expected = {"model": "ssd300", "version": "1", "state": "READY", "requests": 3, "failed": 1, "images": 6,
+                "batches": 4, "images_per_batch": 1.5, "queue_ms": 1.0, "compute_ms": 7.0, "request_ms": 10.0}
+    assert model_row(entry, http) == model_row(entry, grpc) == expected
+    assert model_row({"name": "maskrcnn", "state": "UNAVAILABLE"}, None) == {
+        "model": "maskrcnn", "version": "", "state": "UNAVAILABLE"}
+    table = format_status({"server": "triton", "version": "2.51.0", "url": "h:8000", "protocol": "http",
+                           "live": True, "ready": False, "models": [expected, model_row(entry, None)]})
+    assert table.splitlines()[0] == "triton 2.51.0 at h:8000 (http): live, not ready"
+    assert table.splitlines()[2].split() == ["ssd300", "READY", "3", "1", "6", "4", "1.5", "1.0", "7.0", "10.0"]
+    assert table.splitlines()[3].split() == ["ssd300", "READY"] + ["-"] * 8
 
 
 @pytest.mark.slow
@@ -941,3 +967,43 @@ def test_cli_evaluate_leaves_out_failed_images_up_to_max_failures(served, tmp_pa
     assert result.exit_code == 1
     assert result.output.startswith("Error: too many failed images (2, at most 1 allowed); the last: ")
     assert result.output.count("\n") == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_status_gives_each_step_its_requests_and_batches(served, protocol):
+    """`ssd-client status`: the ensemble and each of its steps with their figures since the server started;
+    two requests of 2 images each show up in every step, however dynamic batching grouped them."""
+    from ssd_client.cli import cli
+    from ssd_client.status import server_status
+
+    url = served.http_url if protocol == "http" else served.grpc_url
+    steps = [name for name in sio.MODELS if name != sio.MODEL_FP16]  # the export is fp32 only
+    before = {row["model"]: row for row in server_status(url, protocol)["models"]}
+    assert sorted(before) == sorted(steps)
+    with SSDClient(url, protocol, label_map=served.labels, batch_size=2) as client:
+        client.detect(photos())
+    for _ in range(100):  # the server counts a request just after it answers
+        status = server_status(url, protocol)
+        rows = {row["model"]: row for row in status["models"]}
+        if all(rows[name]["images"] - before[name]["images"] == 4 for name in steps):
+            break
+        time.sleep(0.1)
+    assert status["live"] and status["ready"] and status["server"] == "triton" and status["version"]
+    for name in steps:
+        row, earlier = rows[name], before[name]
+        assert row["state"] == "READY"
+        assert (row["requests"] - earlier["requests"], row["images"] - earlier["images"]) == (2, 4), name
+        assert row["failed"] == 0 and 1 <= row["batches"] <= row["requests"]
+        assert row["images_per_batch"] == round(row["images"] / row["batches"], 2)
+        assert 0 <= row["queue_ms"] and 0 < row["compute_ms"] <= row["request_ms"]
+
+    result = run_cli(cli, "status", "--url", url, "--protocol", protocol)
+    assert result.exit_code == 0, result.output
+    header, columns, *lines = result.output.splitlines()
+    assert header == f"triton {status['version']} at {url} ({protocol}): live, ready"
+    assert columns.split()[:3] == ["model", "state", "requests"]
+    assert [line.split()[:2] for line in lines] == [[name, "READY"] for name in sorted(steps)]
+    shown = json.loads(run_cli(cli, "status", "--url", url, "--protocol", protocol, "--json").output)
+    assert [row["model"] for row in shown["models"]] == sorted(steps)
+    assert shown["models"][0]["images"] >= rows[shown["models"][0]["model"]]["images"]

@@ -162,6 +162,22 @@ def evaluate(data, split, url, protocol, model, timeout, shared_memory, retries,
             write_summary(json_summary, result, **extra)
 
 
+@cli.command()
+@click.option("--url", default=None, help="Server host:port [default: localhost:8000 (http), :8001 (grpc)].")
+@click.option("--protocol", type=click.Choice(PROTOCOLS), default="http", show_default=True)
+@click.option("--timeout", default=10.0, show_default=True, help="Seconds per call.")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
+@user_errors
+def status(url, protocol, timeout, as_json):
+    """The server's state and, for each model it holds (ensembles and their steps), its state and figures
+    since the server started: requests, failures, images, batches run and images per batch (whether
+    dynamic batching batches), and the mean milliseconds a request spends queued, computing and in all."""
+    from ssd_client.status import format_status, server_status
+
+    found = server_status(url, protocol, timeout)
+    click.echo(json.dumps(found) if as_json else format_status(found))
+
+
 def main():
     cli(prog_name="ssd-client")
 
