@@ -239,7 +239,7 @@ def _translate(err: BaseException, where: str, action: str) -> SSDClientError:
         return err
     if isinstance(err, InferenceServerException):
         status, message = str(err.status() or ""), _one_line(err.message() or str(err))
-        if _restricted(err):
+        if restricted(err):
             what = ("shared memory (start it with `ssd-serve --allow-shared-memory`)"
                     if action == REGISTERING_SHARED_MEMORY else action)
             return SSDClientError(f"the {where} does not allow {what}: {message}")
@@ -268,16 +268,16 @@ def retryable(err: BaseException) -> bool:
     unavailable for now (gRPC UNAVAILABLE, HTTP 503). Not a rejected request (a bad image fails at once),
     a timeout (the next try would wait as long) or an API the server restricts."""
     if isinstance(err, InferenceServerException):
-        return str(err.status()) in ("StatusCode.UNAVAILABLE", "503") and not _restricted(err)
+        return str(err.status()) in ("StatusCode.UNAVAILABLE", "503") and not restricted(err)
     if isinstance(err, TimeoutError):
         return False
     return isinstance(err, OSError) or _dropped(err)
 
 
-def _restricted(err: InferenceServerException) -> bool:
+def restricted(err: BaseException) -> bool:
     """Triton's answer to a call its --http-restricted-api / --grpc-restricted-protocol covers: "This API
     (protocol) is restricted, expecting header ...", HTTP 403 but gRPC UNAVAILABLE."""
-    return "is restricted" in (err.message() or "")
+    return isinstance(err, InferenceServerException) and "is restricted" in (err.message() or "")
 
 
 def _dropped(err: BaseException) -> bool:

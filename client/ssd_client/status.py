@@ -9,12 +9,12 @@ the time each request spent waiting and in the model (a batch's time counts for 
 from __future__ import annotations
 
 from ssd_client import protocol as wire
-from ssd_client.errors import SSDClientError
 
 # (key of a model's row, its column's heading)
 COLUMNS = (("model", "model"), ("state", "state"), ("requests", "requests"), ("failed", "failed"),
            ("images", "images"), ("batches", "batches"), ("images_per_batch", "images/batch"),
            ("queue_ms", "queue ms"), ("compute_ms", "compute ms"), ("request_ms", "request ms"))
+READING_STATISTICS = "reading statistics"
 
 
 def server_status(url: str | None = None, protocol: str = "http", timeout: float = wire.DEFAULT_TIMEOUT) -> dict:
@@ -24,18 +24,24 @@ def server_status(url: str | None = None, protocol: str = "http", timeout: float
     protocol = wire.check_protocol(protocol)
     url = wire.normalise_url(url, protocol)
     tc = wire.tritonclient_module(protocol)
-    options = {**wire.json_kwargs(protocol), **wire.infer_kwargs(protocol, timeout)}
-    client = _ask(url, protocol, "connecting", wire.make_client, tc, protocol, url, timeout, wire.RetryPolicy(0))
-    try:
-        live = _ask(url, protocol, "checking liveness", client.is_server_live, **wire.infer_kwargs(protocol, timeout))
-        ready = _ask(url, protocol, "checking readiness", client.is_server_ready,
-                     **wire.infer_kwargs(protocol, timeout))
-        metadata = _ask(url, protocol, "reading server metadata", client.get_server_metadata, **options)
-        index = _ask(url, protocol, "listing models", client.get_model_repository_index, **options)
+    calls = wire.infer_kwargs(protocol, timeout)
+    options = {**wire.json_kwargs(protocol), **calls}
+
+    def ask(action, fn, *args, **kwargs):
         try:
-            statistics = _ask(url, protocol, "reading statistics", client.get_inference_statistics, "", **options)
-        except SSDClientError:  # restricted, or not this server's API: the states still say much
-            statistics = {}
+            return fn(*args, **kwargs)
+        except Exception as err:
+            if action == READING_STATISTICS and wire.restricted(err):
+                return {}  # the states still say much
+            raise wire.server_error(err, url, protocol, action) from None
+
+    client = ask("connecting", wire.make_client, tc, protocol, url, timeout, wire.RetryPolicy(0))
+    try:
+        live = ask("checking liveness", client.is_server_live, **calls)
+        ready = ask("checking readiness", client.is_server_ready, **calls)
+        metadata = ask("reading server metadata", client.get_server_metadata, **options)
+        index = ask("listing models", client.get_model_repository_index, **options)
+        statistics = ask(READING_STATISTICS, client.get_inference_statistics, "", **options)
     finally:
         client.close()
     entries = index.get("models", []) if isinstance(index, dict) else index
@@ -87,10 +93,3 @@ def format_status(status: dict) -> str:
 
 def _cell(value) -> str:
     return "-" if value is None else str(value)
-
-
-def _ask(url: str, protocol: str, action: str, fn, *args, **kwargs):
-    try:
-        return fn(*args, **kwargs)
-    except Exception as err:
-        raise wire.server_error(err, url, protocol, action) from None
