@@ -564,6 +564,7 @@ def main(argv=None) -> None:
                        f"  admin    model control, logging, trace: {management}; shared memory: "
                        f"{'open' if allow_shared_memory else management}\n"
                        + (f"  log      {server.log_file}\n" if log_file else "")
+                       + f"  status   ssd-client status --url {server.http_url}\n"
                        + "Ctrl-C to stop.")
             code = server.wait()
             raise ServeError(f"tritonserver exited with code {code}; its log ends with:\n{server.log_tail()}")
