@@ -625,6 +625,17 @@ def request_counts(stats: dict) -> tuple[int, int]:
     return int(model["inference_stats"]["success"]["count"]), int(model["inference_count"])
 
 
+def settled_counts(client: SSDClient) -> tuple[int, int]:
+    """`request_counts` once they hold still: the server counts a request just after it answers it, so a
+    request answered a moment ago may not be counted yet."""
+    now = request_counts(client.statistics())
+    while True:
+        time.sleep(0.3)
+        now, previous = request_counts(client.statistics()), now
+        if now == previous:
+            return now
+
+
 def counts_after(client: SSDClient, before: tuple[int, int], images: int) -> tuple[int, int]:
     """(requests, images) answered since `before`, once the server has recorded `images` more images
     (it updates the statistics just after it sends a response)."""
@@ -699,11 +710,11 @@ def test_a_batch_above_the_max_is_split_into_requests(served, protocol):
     images = photos() * 2 + photos()[:2]  # 10 images: requests of 4, 4 and 2
     with SSDClient(served.url(protocol), protocol, label_map=served.labels) as client:
         reference = client.detect(photos())
-        before = request_counts(client.statistics())
+        before = settled_counts(client)
         found = client.detect(images)
         assert counts_after(client, before, len(images)) == (3, 10)
         assert_close(found, reference * 2 + reference[:2])
-        before = request_counts(client.statistics())
+        before = settled_counts(client)
         found_async = detect_async(served.url(protocol), protocol, images, label_map=served.labels, batch_size=3,
                                    concurrency=2)
         assert counts_after(client, before, len(images)) == (4, 10)  # 3 + 3 + 3 + 1
@@ -979,6 +990,8 @@ def test_status_gives_each_step_its_requests_and_batches(served, protocol):
 
     url = served.http_url if protocol == "http" else served.grpc_url
     steps = [name for name in sio.MODELS if name != sio.MODEL_FP16]  # the export is fp32 only
+    with SSDClient(url, protocol) as client:
+        settled_counts(client)  # the previous test's last request is counted
     before = {row["model"]: row for row in server_status(url, protocol)["models"]}
     assert sorted(before) == sorted(steps)
     with SSDClient(url, protocol, label_map=served.labels, batch_size=2) as client:
