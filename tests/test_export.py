@@ -270,7 +270,8 @@ def test_replacing_configs_takes_only_those_of_another_interface_and_keeps_them(
 
 def test_one_export_at_a_time_and_a_killed_one_leaves_no_lock(exported, tiny_checkpoint, tmp_path):
     """Two exports into one repository would mix their files under one manifest: the second is refused
-    in one line naming the first, serving waits for it, and a killed export's lock goes with it."""
+    in one line naming the first, ssd-serve refuses the repository meanwhile, and a killed export's lock
+    goes with it."""
     repository = tmp_path / "repository"
     shutil.copytree(exported[0], repository)
     with export_lock(repository):
