@@ -866,6 +866,36 @@ def test_cli_errors_are_one_line():
                                      "([Errno 111] Connection refused)")
 
 
+def test_status_from_a_server_that_is_not_triton_is_one_line():
+    """Any HTTP server answering JSON to every path: the status says it is no Triton server, in one line."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from ssd_client.cli import cli
+
+    class AnswersJson(BaseHTTPRequestHandler):
+        def answer(self):
+            body = json.dumps({"models": 5, "name": "not triton"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = answer
+
+        def log_message(self, *args):
+            pass
+
+    with ThreadingHTTPServer(("127.0.0.1", 0), AnswersJson) as other:
+        threading.Thread(target=other.serve_forever, daemon=True).start()
+        url = f"127.0.0.1:{other.server_address[1]}"
+        result = run_cli(cli, "status", "--url", url)
+        other.shutdown()
+    assert result.exit_code == 1
+    assert result.output.startswith(f"Error: the server at {url} (http) answered what a Triton server does not (")
+    assert result.output.count("\n") == 1
+
+
 def test_status_rows_read_both_protocols_statistics():
     """HTTP writes the statistics' int64 as numbers, gRPC's JSON as strings; a model without statistics
     (or a server that restricts them) keeps its name and state."""

@@ -9,6 +9,7 @@ the time each request spent waiting and in the model (a batch's time counts for 
 from __future__ import annotations
 
 from ssd_client import protocol as wire
+from ssd_client.errors import InferenceError
 
 # (key of a model's row, its column's heading)
 COLUMNS = (("model", "model"), ("state", "state"), ("requests", "requests"), ("failed", "failed"),
@@ -44,12 +45,17 @@ def server_status(url: str | None = None, protocol: str = "http", timeout: float
         statistics = ask(READING_STATISTICS, client.get_inference_statistics, "", **options)
     finally:
         client.close()
-    entries = index.get("models", []) if isinstance(index, dict) else index
-    stats = {(s["name"], str(s.get("version", ""))): s for s in statistics.get("model_stats", [])}
-    models = [model_row(entry, stats.get((entry.get("name"), str(entry.get("version", ""))))) for entry in entries]
-    return {"url": url, "protocol": protocol, "server": metadata.get("name", ""),
-            "version": metadata.get("version", ""), "live": bool(live), "ready": bool(ready),
-            "models": sorted(models, key=lambda row: row["model"])}
+    try:
+        entries = index.get("models", []) if isinstance(index, dict) else index
+        stats = {(s["name"], str(s.get("version", ""))): s for s in statistics.get("model_stats", [])}
+        models = [model_row(entry, stats.get((entry.get("name"), str(entry.get("version", "")))))
+                  for entry in entries]
+        server, version = metadata.get("name", ""), metadata.get("version", "")
+    except (AttributeError, KeyError, TypeError, ValueError) as err:  # not a Triton server's answers
+        raise InferenceError(f"the server at {url} ({protocol}) answered what a Triton server does not "
+                             f"({type(err).__name__}: {err})") from None
+    return {"url": url, "protocol": protocol, "server": server, "version": version, "live": bool(live),
+            "ready": bool(ready), "models": sorted(models, key=lambda row: row["model"])}
 
 
 def model_row(entry: dict, stats: dict | None) -> dict:
