@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Soak a served ensemble (SSD300's or, with `--model maskrcnn`, Mask R-CNN's) with hostile traffic and report what it did to the server.
+"""Soak a served ensemble (SSD300's or, with `--model maskrcnn`, Mask R-CNN's) with hostile traffic and
+report what it did to the server.
 
 C clients (threads, each its own tritonclient connection) send R requests each: real photos, with
 corrupt images (truncated or garbage) and oversized ones (a 20000 x 20000 JPEG of 4.7 MB, 1.2 GB
@@ -280,7 +281,8 @@ def summarise(args, tally: Tally, seconds: float, memory: dict) -> dict:
     bad = tally.rejected + tally.bad_answered + tally.bad_failed_otherwise
     latencies = np.array(tally.latencies) * 1000 if tally.latencies else np.zeros(1)
     return {
-        "url": args.url, "protocol": args.protocol, "model": args.model, "clients": args.clients, "requests_per_client": args.requests,
+        "url": args.url, "protocol": args.protocol, "model": args.model, "clients": args.clients,
+        "requests_per_client": args.requests,
         "corrupt_every": args.corrupt_every, "oversized_every": args.oversized_every,
         "good_requests": good, "answered": tally.answered, "bad_requests": bad, "rejected": tally.rejected,
         "collateral_failures": tally.collateral, "bad_answered": tally.bad_answered,
@@ -297,8 +299,8 @@ def format_report(summary: dict) -> str:
     rss_warm, rss_end, rss_peak = summary["rss_after_warmup"], summary["rss_at_end"], summary["rss_peak"]
     lines = [
         f"soak: {summary['clients']} clients x {summary['requests_per_client']} requests to {summary['model']} at "
-        f"{summary['url']} ({summary['protocol']}); every {summary['corrupt_every']}th corrupt, every {summary['oversized_every']}th "
-        "oversized",
+        f"{summary['url']} ({summary['protocol']}); every {summary['corrupt_every']}th corrupt, "
+        f"every {summary['oversized_every']}th oversized",
         f"  answered              {summary['answered']} / {summary['good_requests']} good requests",
         f"  rejected              {summary['rejected']} / {summary['bad_requests']} bad requests (as bad input)",
         f"  collateral failures   {summary['collateral_failures']}",

@@ -239,7 +239,7 @@ def serving_settings(model: nn.Module, score_threshold: Optional[float], detecti
                      ) -> dict:
     """Set the box score threshold and the detections per image the served model keeps (None: the
     checkpoint's, the recipe's 0.05 and 100, which COCO evaluation wants). Each served detection costs a
-    mask pasted at the image's size and its RLE: a serving threshold of e.g. 0.5 cuts that work where
+    mask pasted over its box's region and its RLE: a serving threshold of e.g. 0.5 cuts that work where
     clients would drop low scores anyway. Returns both, as the manifest records them."""
     if score_threshold is not None:
         if not 0 <= score_threshold < 1:
