@@ -28,7 +28,7 @@ import torch
 
 from ssd_common import io
 from ssd_train.serving.manifest import ARTIFACTS, RepositoryBusy, exclusive, write_manifest
-from ssd_train.serving.served_repository import CONFIG_FILE, PACKAGE_REPOSITORY
+from ssd_train.serving.served_repository import CONFIG_FILE, PACKAGE_REPOSITORY, PREVIOUS_SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +106,6 @@ def write_export_manifest(repository: Path, detector: str, models: Sequence[str]
 
 # ----------------------------------------------------------------------------------------------
 # Repository layout
-
-
-PREVIOUS_SUFFIX = ".previous"  # a config or model code that export replaced stays beside its successor
 
 
 def check_configs(repository: Path, models: Sequence[str], replace_configs: bool = False,

@@ -339,6 +339,7 @@ def test_cpu_flavour_leaves_out_models_without_weights(tmp_path):
 
 def test_gpu_flavour_keeps_production_configs_and_links_their_files(production, tmp_path):
     source = fake_export(tmp_path, precisions=("fp16",))
+    (source / io.POSTPROCESS / "1" / "model.py.previous").write_text("# what an export replaced\n")
     target = tmp_path / "gpu"
     names = derive_repository(source, target, "gpu")
     assert names == [io.VALIDATE, io.PREPROCESS, io.MODEL_FP16, io.POSTPROCESS, io.ENSEMBLE]  # no fp32 weights
@@ -347,6 +348,7 @@ def test_gpu_flavour_keeps_production_configs_and_links_their_files(production, 
         assert derived[name] == production[name], name
     for name, file in ((io.PREPROCESS, "dali.py"), (io.MODEL_FP16, io.TORCHSCRIPT_FILE), (io.POSTPROCESS, "model.py")):
         assert (target / name / "1" / file).resolve() == (source / name / "1" / file).resolve()
+    assert not list(target.rglob("*.previous"))  # kept for the operator, not served
 
 
 @pytest.mark.parametrize("flavour", ["gpu", "cpu"])
