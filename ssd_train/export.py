@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Sequence
 from contextlib import ExitStack, contextmanager
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from ssd_common import io
+from ssd_train.files import temp_file_beside
 from ssd_train.serving.manifest import ARTIFACTS, RepositoryBusy, exclusive, write_manifest
 from ssd_train.serving.served_repository import CONFIG_FILE, PACKAGE_REPOSITORY, PREVIOUS_SUFFIX
 
@@ -242,8 +242,7 @@ def temp_path(path: Path):
     """A temp file beside `path` (same filesystem, so the final rename is atomic); removed unless
     the caller moved it into place."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = temp_file_beside(path)
     except OSError as err:
         raise ExportError(f"cannot write to {path.parent}: {err.strerror}") from None
     os.close(fd)

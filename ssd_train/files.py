@@ -15,8 +15,7 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator:
     and renamed over `path` when the block ends without an error, removed otherwise. OSError when the
     folder cannot be created or written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file_beside(path)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -26,3 +25,15 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def temp_file_beside(path: Path) -> tuple[int, str]:
+    """(fd, name) of a new temp file in `path`'s folder (created if needed): the same filesystem, so
+    renaming it over `path` is atomic. Its mode is what the umask gives a new file, not mkstemp's 0600:
+    a server running as another user must be able to read an exported repository."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    return fd, tmp

@@ -7,6 +7,7 @@ import io as bytes_io
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -186,6 +187,18 @@ class ScalesByBatchSize(torch.nn.Module):
     def forward(self, images):
         locs, scores = self.model(images)
         return locs * float(images.shape[0]), scores
+
+
+def test_exported_files_and_checkpoints_are_as_readable_as_the_umask_allows(exported, tiny_checkpoint):
+    """Written through temp files, yet not left at mkstemp's 0600: a server running as another user
+    (deploy/'s pods) must read what export wrote."""
+    umask = os.umask(0)
+    os.umask(umask)
+    repository, _ = exported
+    written = [repository / MANIFEST_FILE, repository / io.POSTPROCESS / "1" / io.LABELS_FILE,
+               *(repository / io.MODEL_FP32 / "1" / name for name in (io.TORCHSCRIPT_FILE, io.ONNX_FILE))]
+    for path in (*written, tiny_checkpoint):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
 
 
 def test_a_trace_that_disagrees_with_eager_is_an_error_and_writes_nothing(eager, tmp_path):
