@@ -11,7 +11,9 @@ otherwise, and resume without the checks.
 from __future__ import annotations
 
 import logging
+import pickle
 import random
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -102,8 +104,7 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise CheckpointError(f"cannot read checkpoint {path}: {first_line}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {unreadable_reason(path, err)}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} is not a checkpoint (it holds a {type(state).__name__})")
     if "model" not in state:
@@ -112,6 +113,24 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         state = {"model": state}
     state["model"] = {k.removeprefix("module."): v for k, v in state["model"].items()}
     return state
+
+
+def unreadable_reason(path: Path, err: Exception) -> str:
+    """Why torch.load failed, in one line a user can act on (torch's own messages are paragraphs, or a
+    bare byte value, and some advise weights_only=False: never for a file one cannot vouch for)."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if not head:
+        return "the file is empty"
+    if head == b"PK" and not zipfile.is_zipfile(path):
+        return "a damaged or truncated zip archive (torch.save's format)"
+    if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):  # neither torch.save's zip nor a pickle
+        return "not a PyTorch checkpoint (torch.save writes a zip archive)"
+    if isinstance(err, pickle.UnpicklingError) or "Weights only load failed" in str(err):
+        return ("it holds Python objects beyond tensors and plain data, which are refused: loading them "
+                "would run code from the file")
+    text = str(err).strip().split(". ")[0].splitlines()
+    return text[0] if text else type(err).__name__
 
 
 def checkpoint_label_map(state: dict) -> LabelMap:

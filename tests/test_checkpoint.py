@@ -39,8 +39,15 @@ def test_missing_and_corrupt(tmp_path):
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "nope.pt")
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+    with pytest.raises(CheckpointError, match="cannot read checkpoint .*bad.pt: not a PyTorch checkpoint"):
         load_checkpoint(tmp_path / "bad.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty.pt: the file is empty"):
+        load_checkpoint(tmp_path / "empty.pt")
+    torch.save({"model": {"w": torch.zeros(100)}}, tmp_path / "whole.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:300])
+    with pytest.raises(CheckpointError, match="cut.pt: a damaged or truncated zip archive"):
+        load_checkpoint(tmp_path / "cut.pt")
 
 
 def test_unsafe_pickle_is_refused(tmp_path):
@@ -49,8 +56,9 @@ def test_unsafe_pickle_is_refused(tmp_path):
             return (print, ("pwned",))
 
     torch.save({"model": {}, "payload": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+    with pytest.raises(CheckpointError, match="evil.pt: it holds Python objects beyond tensors") as error:
         load_checkpoint(tmp_path / "evil.pt")
+    assert "weights_only=False" not in str(error.value)  # torch's advice, wrong for a file nobody vouches for
 
 
 def test_other_architecture_is_a_clear_error(tiny_checkpoint):

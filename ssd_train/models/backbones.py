@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+
+from ssd_train.checkpoint import unreadable_reason
 
 
 class BackboneError(ValueError):
@@ -16,7 +20,7 @@ def load_resnet_weights(resnet: torch.nn.Module, path: str) -> None:
     except FileNotFoundError:
         raise BackboneError(f"backbone weights not found: {path}") from None
     except Exception as err:  # pickle/zip errors of a bad file
-        raise BackboneError(f"cannot read backbone weights {path}: {first_line(err)}") from None
+        raise BackboneError(f"cannot read backbone weights {path}: {unreadable_reason(Path(path), err)}") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     what = f"{path} is not a torchvision {type(resnet).__name__} state dict"
