@@ -331,3 +331,26 @@ def test_masks_are_drawn_as_a_translucent_overlay(tmp_path):
     assert np.array_equal(without[60, 70], grey[60, 70])
     assert np.array_equal(with_mask[10, 10], grey[10, 10])
     assert np.array_equal(with_mask[~mask], without[~mask])  # box and label are drawn over the mask
+
+
+def test_a_photo_stored_sideways_is_decoded_upright_as_the_served_preprocess_does(tmp_path):
+    """Cameras store photos sideways with an EXIF orientation. DALI's decoder (the served preprocess, and
+    SSD300's predict) turns them upright, so in-process decoding and the annotated copies do too: otherwise
+    boxes and masks land in another frame than the picture they are drawn on."""
+    from ssd_common import io as tensor_names
+    from ssd_train.models.maskrcnn.inference import decode_image
+    from ssd_train.models.maskrcnn.preprocess import inference_pipeline
+
+    orientation = Image.Exif()
+    orientation[0x0112] = 6  # rotate 90 degrees clockwise to view
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(buffer, "JPEG", exif=orientation.tobytes())
+    data = buffer.getvalue()
+    pipe = inference_pipeline(1, 64, 64)
+    pipe.build()
+    pipe.feed_input(tensor_names.IMAGE, [np.frombuffer(data, np.uint8)])
+    served_size = tuple(int(v) for v in np.array(pipe.run()[2][0]))
+    assert served_size == (40, 30) == tuple(decode_image(data).shape[1:])  # (height, width), upright
+    drawn = save_annotated(data, [{"box": [2, 30, 28, 38], "score": 0.9, "category_id": 3, "category_name": "square"}],
+                           tmp_path / "upright.png")
+    assert Image.open(drawn).size == (30, 40)  # (width, height)

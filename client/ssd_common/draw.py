@@ -8,7 +8,7 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 from ssd_common.masks import decode_mask
 
@@ -50,5 +50,6 @@ def save_annotated(image_bytes: bytes, detections: list[dict], out: Path) -> Pat
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with Image.open(io.BytesIO(image_bytes)) as image:
-        draw_detections(image, detections).save(out)
+        # boxes are in the upright frame: the servers' and predict's decoders apply the EXIF orientation
+        draw_detections(ImageOps.exif_transpose(image), detections).save(out)
     return out

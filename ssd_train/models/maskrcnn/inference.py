@@ -19,7 +19,7 @@ import warnings
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from ssd_common.coco_eval import coco_evaluate, detection_records, segmentation_records
@@ -178,7 +178,8 @@ def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tenso
                 if width * height > max_pixels:
                     raise ImageError(f"image is {width}x{height} ({width * height:,} pixels), "
                                      f"over the limit of {max_pixels:,} pixels")
-                pixels = np.array(image.convert("RGB"))
+                # upright by its EXIF orientation, as DALI's decoder (the served preprocess) turns it
+                pixels = np.array(ImageOps.exif_transpose(image).convert("RGB"))
     except ImageError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
