@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -18,13 +19,62 @@ from ssd_train.models.ssd300.train import FitConfig
 EPOCH_LIST = "comma-separated epoch indices (0-based)"
 
 
-def _int_list(ctx, param, value):
-    if value is None or isinstance(value, tuple):
+def _int_list(what: str = "integers", minimum: int = 0, ascending: bool = False):
+    """A click callback reading comma-separated integers (at least `minimum`; rising with `ascending`)."""
+    def callback(ctx, param, value):
+        if value is None or isinstance(value, tuple):
+            return value
+        try:
+            numbers = tuple(int(v) for v in str(value).replace(" ", ",").split(",") if v)
+        except ValueError:
+            raise click.BadParameter(f"expected {what}, got {value!r}") from None
+        if not numbers:
+            raise click.BadParameter(f"expected {what}, got {value!r}")
+        if min(numbers) < minimum:
+            raise click.BadParameter(f"expected {what} of at least {minimum}, got {value!r}")
+        if ascending and list(numbers) != sorted(set(numbers)):
+            raise click.BadParameter(f"expected {what} in rising order, got {value!r}")
+        return numbers
+    return callback
+
+
+def _check_device(ctx, param, value):
+    """--device: cpu, cuda or cuda:N, and CUDA only where there is a device to run on (one line, not torch's
+    traceback deep in the run)."""
+    if value is None:
         return value
+    import torch
+
     try:
-        return tuple(int(v) for v in str(value).replace(" ", ",").split(",") if v)
-    except ValueError:
-        raise click.BadParameter(f"expected {EPOCH_LIST}, got {value!r}") from None
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise click.BadParameter(f"expected cpu, cuda or cuda:N, got {value!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise click.BadParameter(f"expected cpu, cuda or cuda:N, got {value!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter(f"{value}: no CUDA device is available here")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise click.BadParameter(f"{value}: this machine has {torch.cuda.device_count()} CUDA devices")
+    return value
+
+
+def _device_option(help_text: str = "cpu, cuda or cuda:N [default: cuda when available]."):
+    return click.option("--device", default=None, callback=_check_device, help=help_text)
+
+
+def _writable_file(ctx, param, value):
+    """A file the command writes at its end (a summary): its folder must be there and writable before hours
+    of work, not found missing after them."""
+    if value is None:
+        return value
+    folder = Path(value).parent
+    if value.is_dir():
+        raise click.BadParameter(f"{value} is a directory")
+    if not folder.is_dir():
+        raise click.BadParameter(f"{value}: its folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK) or (value.exists() and not os.access(value, os.W_OK)):
+        raise click.BadParameter(f"{value}: not writable")
+    return value
 
 
 def user_errors(func):
@@ -53,7 +103,10 @@ def user_errors(func):
         try:
             return func(*args, **kwargs)
         except tuple(errors) as err:
-            raise click.ClickException(str(err)) from None
+            message = str(err).strip()
+            if "\nOriginal Traceback" in message:  # re-raised from a DataLoader worker: its last line is the error
+                message = message.splitlines()[-1].split(": ", 1)[-1]
+            raise click.ClickException(message) from None
     return wrapper
 
 
@@ -80,9 +133,11 @@ def make_dataset():
 
 @make_dataset.command("shapes")
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--train", "train_count", default=200, show_default=True, help="Training images.")
-@click.option("--val", "val_count", default=50, show_default=True, help="Validation images.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--train", "train_count", default=200, type=click.IntRange(min=0), show_default=True,
+              help="Training images.")
+@click.option("--val", "val_count", default=50, type=click.IntRange(min=0), show_default=True,
+              help="Validation images.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--style", type=click.Choice(["default", "demo"]), default="default", show_default=True,
               help="demo: 300x300 images, plain backgrounds, objects of 55-165 px and one colour family per "
                    "shape -- learnable from scratch in minutes on a CPU (make demo's dataset).")
@@ -91,6 +146,9 @@ def make_shapes(out, train_count, val_count, seed, style):
     """Coloured circles, rectangles and triangles with boxes: a deterministic toy COCO dataset."""
     from ssd_train.data.shapes import make_shapes_dataset
 
+    if out.exists() and any(out.iterdir()):  # it writes instances_*.json: never over someone's dataset
+        raise click.ClickException(f"{out} is not empty: make-dataset writes a new dataset into a new or empty "
+                                   "folder")
     try:
         make_shapes_dataset(out, train_count, val_count, seed, style)
     except OSError as err:
@@ -154,24 +212,27 @@ def _model_option(required_for: str):
 @_fit_option("--train-split", recipe="train_split", help="Training split: DATA/TRAIN_SPLIT/ and "
              "DATA/annotations/instances_TRAIN_SPLIT.json.")
 @_fit_option("--val-split", recipe="val_split", help="Validation split (the same layout).")
-@_fit_option("--epochs", recipe="epochs", type=int, help="(ssd300)")
-@_fit_option("--iterations", recipe="iterations", type=int, help="Optimizer steps (maskrcnn).")
-@_fit_option("--batch-size", "--bs", recipe="batch_size", type=int, help="Per process (and micro-batch).")
+@_fit_option("--epochs", recipe="epochs", type=click.IntRange(min=1), help="(ssd300)")
+@_fit_option("--iterations", recipe="iterations", type=click.IntRange(min=1), help="Optimizer steps (maskrcnn).")
+@_fit_option("--batch-size", "--bs", recipe="batch_size", type=click.IntRange(min=1),
+             help="Per process (and micro-batch).")
 @_fit_option("--accumulate-steps", recipe="accumulate_steps", type=click.IntRange(min=1),
              help="Batches accumulated into one optimizer step (maskrcnn).")
-@_fit_option("--eval-batch-size", "--ebs", recipe="eval_batch_size", type=int)
-@_fit_option("--learning-rate", "--lr", recipe="learning_rate", type=float,
+@_fit_option("--eval-batch-size", "--ebs", recipe="eval_batch_size", type=click.IntRange(min=1))
+@_fit_option("--learning-rate", "--lr", recipe="learning_rate", type=click.FloatRange(min=0, min_open=True),
              help="ssd300: for batch 32 per process, scaled by batch/32 x processes; maskrcnn: for a global batch "
                   "of 16, scaled linearly with the global batch (batch x processes x accumulate steps).")
-@_fit_option("--multistep", recipe="multistep", callback=_int_list, help="Epochs at which the LR drops x0.1 (ssd300).")
-@_fit_option("--steps", recipe="steps", callback=_int_list, help="Iterations at which the LR drops x0.1 (maskrcnn).")
-@_fit_option("--warmup", recipe="warmup", type=int,
+@_fit_option("--multistep", recipe="multistep", callback=_int_list(EPOCH_LIST, ascending=True),
+             help="Epochs at which the LR drops x0.1 (ssd300).")
+@_fit_option("--steps", recipe="steps", callback=_int_list("comma-separated iterations", 1, ascending=True),
+             help="Iterations at which the LR drops x0.1 (maskrcnn).")
+@_fit_option("--warmup", recipe="warmup", type=click.IntRange(min=0),
              help="Linear warmup iterations (maskrcnn, when not given: 500, or 625 from a global batch of 32).")
-@_fit_option("--warmup-factor", recipe="warmup_factor", type=float,
+@_fit_option("--warmup-factor", recipe="warmup_factor", type=click.FloatRange(0, 1, min_open=True),
              help="LR factor the warmup starts from (maskrcnn, when not given: 0.33, or 0.01 from a global batch "
                   "of 32).")
-@_fit_option("--momentum", recipe="momentum", type=float)
-@_fit_option("--weight-decay", "--wd", recipe="weight_decay", type=float)
+@_fit_option("--momentum", recipe="momentum", type=click.FloatRange(0, 1, max_open=True))
+@_fit_option("--weight-decay", "--wd", recipe="weight_decay", type=click.FloatRange(min=0))
 @_fit_option("--seed", recipe="seed", type=click.IntRange(min=0))
 @click.option("--checkpoint", type=click.Path(path_type=Path),
               help="Resume from this checkpoint of the run (see --resume-anyway).")
@@ -179,13 +240,13 @@ def _model_option(required_for: str):
               help="Resume from the checkpoint SAVE/last_checkpoint names (maskrcnn).")
 @_fit_option("--checkpoint-every", recipe="checkpoint_every", type=click.IntRange(min=1),
              help="Save a checkpoint every this many iterations, and at the end (maskrcnn).")
-@_fit_option("--evaluation", recipe="evaluation", callback=_int_list,
+@_fit_option("--evaluation", recipe="evaluation", callback=_int_list(EPOCH_LIST),
              help=f"Evaluate after these epochs ({EPOCH_LIST}); the last is always evaluated (ssd300).")
 @click.option("--eval-every-epoch", is_flag=True, default=None, help="Evaluate box and mask mAP after every epoch "
                                                                      "(maskrcnn).")
-@_fit_option("--min-bbox-map", recipe="min_bbox_map", type=float,
+@_fit_option("--min-bbox-map", recipe="min_bbox_map", type=click.FloatRange(0, 1),
              help="Stop once an evaluation reaches this box mAP (and --min-mask-map) (maskrcnn; off by default).")
-@_fit_option("--min-mask-map", recipe="min_mask_map", type=float,
+@_fit_option("--min-mask-map", recipe="min_mask_map", type=click.FloatRange(0, 1),
              help="Stop once an evaluation reaches this mask mAP (and --min-bbox-map) (maskrcnn; off by default).")
 @click.option("--final-eval/--no-final-eval", default=None,
               help="Evaluate at the end and write SAVE/inference/{bbox,segm}.json (maskrcnn) [default: on].")
@@ -195,8 +256,8 @@ def _model_option(required_for: str):
 @click.option("--pretrained-backbone/--no-pretrained-backbone", default=None,
               help="Try torchvision's ImageNet weights when --backbone-path is not given "
                    f"{_recipe_default('pretrained_backbone')}.")
-@_fit_option("--min-size", recipe="min_size", type=int, help="Shorter image side (maskrcnn).")
-@_fit_option("--max-size", recipe="max_size", type=int, help="Longer image side at most (maskrcnn).")
+@_fit_option("--min-size", recipe="min_size", type=click.IntRange(min=1), help="Shorter image side (maskrcnn).")
+@_fit_option("--max-size", recipe="max_size", type=click.IntRange(min=1), help="Longer image side at most (maskrcnn).")
 @click.option("--trainable-layers", type=click.IntRange(0, 5), default=None,
               help="ResNet stages trained, from the top; 3 freezes the stem and layer1 (maskrcnn) [default: 3 with "
                    "pretrained backbone weights, as the reference; 5 from scratch].")
@@ -206,10 +267,11 @@ def _model_option(required_for: str):
 @_fit_option("--rois-per-image", recipe="rois_per_image", type=click.IntRange(min=1),
              help="RoIs sampled per image for the box and mask heads; fewer make steps cheaper on datasets with "
                   "few objects per image (maskrcnn).")
-@click.option("--num-workers", "-j", type=int, default=None, help="Data loading workers/threads.")
-@click.option("--json-summary", type=click.Path(path_type=Path), help="Write the final summary (mAP, ...) here.")
-@click.option("--device", default=None, help="cpu, cuda, cuda:N [default: cuda when available].")
-@_fit_option("--precise-bn", recipe="precise_bn", type=int, metavar="BATCHES",
+@click.option("--num-workers", "-j", type=click.IntRange(min=0), default=None, help="Data loading workers/threads.")
+@click.option("--json-summary", type=click.Path(path_type=Path), callback=_writable_file,
+              help="Write the final summary (mAP, ...) here.")
+@_device_option()
+@_fit_option("--precise-bn", recipe="precise_bn", type=click.IntRange(min=0), metavar="BATCHES",
              help="Before each evaluation (and the last checkpoint) recompute BatchNorm statistics over this "
                   "many training batches; helps short or small-batch runs (the reference does not) (ssd300).")
 @click.option("--augment/--no-augment", default=None,
@@ -222,7 +284,7 @@ def _model_option(required_for: str):
               help="Resume even if the checkpoint's run had another batch size, number of processes, number of "
                    "training images, learning rate, schedule, momentum, weight decay, seed or augmentation setting "
                    "(refused otherwise: the result would not continue that run). The length may always change.")
-@_fit_option("--log-interval", recipe="log_interval", type=int, metavar="STEPS",
+@_fit_option("--log-interval", recipe="log_interval", type=click.IntRange(min=1), metavar="STEPS",
              help="Write the mean training loss to metrics.jsonl every this many steps.")
 @_data_backend_option()
 @_precision_options
@@ -245,6 +307,11 @@ def fit(ctx, detector, **options):
 
     detector = detector or "ssd300"
     _refuse_other_detector_options(ctx, detector)
+    if options["checkpoint"] or options["resume"]:
+        for name in ("backbone", "backbone_path", "min_size", "max_size"):
+            if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
+                click.echo(f"warning: --{name.replace('_', '-')} is ignored: a resumed run keeps its checkpoint's "
+                           "model", err=True)
     given = {k: v for k, v in options.items() if v is not None}
     try:
         if detector == "maskrcnn":
@@ -289,13 +356,14 @@ def _refuse_other_detector_options(ctx: click.Context, detector: str) -> None:
 @click.option("--split", default="val2017", show_default=True)
 @click.option("--backbone", type=click.Choice(BACKBONES), default=None,
               help="Override the checkpoint's backbone (ssd300: NVIDIA checkpoints do not record it).")
-@click.option("--eval-batch-size", "--ebs", type=int, default=None, help="[default: ssd300 32, maskrcnn 1]")
-@click.option("--num-workers", "-j", type=int, default=None)
-@click.option("--json-summary", type=click.Path(path_type=Path),
+@click.option("--eval-batch-size", "--ebs", type=click.IntRange(min=1), default=None,
+              help="[default: ssd300 32, maskrcnn 1]")
+@click.option("--num-workers", "-j", type=click.IntRange(min=0), default=None)
+@click.option("--json-summary", type=click.Path(path_type=Path), callback=_writable_file,
               help="Write the mAP and the 12 COCO stats here (maskrcnn: bbox_mAP, segm_mAP and both lists).")
 @click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Write the COCO result files bbox.json and segm.json here (maskrcnn).")
-@click.option("--device", default=None)
+@_device_option()
 @_data_backend_option()
 @_precision_options
 @user_errors
@@ -384,11 +452,12 @@ def torch_channels_last():
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path))
 @click.option("--backbone", type=click.Choice(BACKBONES), default=None, help="Override the checkpoint's (ssd300).")
-@click.option("--threshold", default=0.3, show_default=True, help="Minimum score to report.")
+@click.option("--threshold", default=0.3, show_default=True, type=click.FloatRange(0, 1),
+              help="Minimum score to report.")
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Write annotated copies of the images here (boxes, labels and masks).")
-@click.option("--batch-size", default=16, show_default=True)
-@click.option("--device", default=None)
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
+@_device_option()
 @click.option("--amp/--no-amp", default=False, show_default=True)
 @user_errors
 def predict(detector, images, checkpoint, backbone, threshold, output_dir, batch_size, device, amp):
@@ -438,10 +507,10 @@ def predict(detector, images, checkpoint, backbone, threshold, output_dir, batch
                                            "(maskrcnn: for a batch of 1).")
 @click.option("--backbone", type=click.Choice(BACKBONES), default=None,
               help="Override the checkpoint's backbone (NVIDIA's SSD300 checkpoints do not record it).")
-@click.option("--score-threshold", type=float, default=None,
+@click.option("--score-threshold", type=click.FloatRange(0, 1), default=None,
               help="maskrcnn: the box score the served model keeps from [default: the checkpoint's, 0.05, which "
                    "COCO evaluation wants]; each kept detection costs a mask pasted and encoded per request.")
-@click.option("--detections-per-image", type=int, default=None,
+@click.option("--detections-per-image", type=click.IntRange(1, 100), default=None,
               help="maskrcnn: at most this many detections per image, best first (1-100) [default: 100].")
 @click.option("--replace-configs", is_flag=True,
               help="Replace the repository's configs that declare other tensors than this ssd-train's (an older "
@@ -471,8 +540,9 @@ def export(checkpoint, model_repository, precision, onnx, backbone, score_thresh
 @click.option("--categories", type=click.Path(path_type=Path),
               help="A COCO annotation file whose categories the weights were trained on [default: torchvision's "
                    "COCO labels, for weights with 91 classes].")
-@click.option("--min-size", default=800, show_default=True, help="Shorter image side the model was trained at.")
-@click.option("--max-size", default=1333, show_default=True, help="Longer side at most.")
+@click.option("--min-size", default=800, show_default=True, type=click.IntRange(min=1),
+              help="Shorter image side the model was trained at.")
+@click.option("--max-size", default=1333, show_default=True, type=click.IntRange(min=1), help="Longer side at most.")
 @user_errors
 def import_weights(weights, output, categories, min_size, max_size):
     """Turn torchvision-format Mask R-CNN weights (a MaskRCNN state dict, e.g. torchvision's COCO-trained
@@ -499,28 +569,34 @@ def import_weights(weights, output, categories, min_size, max_size):
 @click.option("--model", "detector", type=click.Choice(DETECTORS), default="ssd300", show_default=True)
 @click.option("--mode", type=click.Choice(["training", "inference", "input"]), required=True,
               help="input: the training input pipeline alone, on --data (maskrcnn).")
-@click.option("--batch-size", "--bs", "batch_size", type=int, default=None, help="[default: ssd300 32, maskrcnn 8]")
-@click.option("--batch-sizes", callback=_int_list, default=None,
+@click.option("--batch-size", "--bs", "batch_size", type=click.IntRange(min=1), default=None,
+              help="[default: ssd300 32, maskrcnn 8]")
+@click.option("--batch-sizes", callback=_int_list("comma-separated batch sizes", 1), default=None,
               help="Sweep these batch sizes (e.g. 1,2,4,8,16,32,64) instead of --batch-size.")
 @click.option("--amp/--no-amp", default=None,
               help="Only mixed precision / only full precision [default: both columns on CUDA, fp32 on CPU].")
 @click.option("--tf32/--no-tf32", default=True, show_default=True)
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True)
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model first.")
-@click.option("--benchmark-warmup", default=10, show_default=True, help="Untimed iterations first.")
-@click.option("--benchmark-iterations", default=20, show_default=True, help="Timed iterations.")
+@click.option("--benchmark-warmup", default=10, show_default=True, type=click.IntRange(min=0),
+              help="Untimed iterations first.")
+@click.option("--benchmark-iterations", default=20, show_default=True, type=click.IntRange(min=1),
+              help="Timed iterations.")
 @click.option("--backbone", type=click.Choice(sorted(set(BACKBONES) | set(MASKRCNN_BACKBONES))), default="resnet50",
               show_default=True)
-@click.option("--min-size", type=int, default=800, show_default=True, help="Shorter image side (maskrcnn).")
-@click.option("--max-size", type=int, default=1333, show_default=True, help="Longer image side at most (maskrcnn).")
-@click.option("--processes", callback=_int_list, default="1", show_default=True,
+@click.option("--min-size", type=click.IntRange(min=1), default=800, show_default=True,
+              help="Shorter image side (maskrcnn).")
+@click.option("--max-size", type=click.IntRange(min=1), default=1333, show_default=True,
+              help="Longer image side at most (maskrcnn).")
+@click.option("--processes", callback=_int_list("comma-separated numbers of processes", 1), default="1",
+              show_default=True,
               help="Training: also measure with these numbers of processes (one GPU each; gloo on CPU) for the "
                    "weak-scaling columns, e.g. 1,2,4,8 (maskrcnn).")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="COCO-layout dataset to take images from [default: synthetic].")
 @_data_backend_option()
-@click.option("--device", default=None)
-@click.option("--json-summary", type=click.Path(path_type=Path))
+@_device_option()
+@click.option("--json-summary", type=click.Path(path_type=Path), callback=_writable_file)
 @user_errors
 def benchmark(detector, mode, batch_size, batch_sizes, amp, tf32, channels_last, compile_model, benchmark_warmup,
               benchmark_iterations, backbone, min_size, max_size, processes, data, data_backend, device, json_summary):

@@ -21,7 +21,21 @@ log = logging.getLogger(__name__)
 
 
 class TrainingError(RuntimeError):
-    """A run that cannot go on: its loss or weights stopped being finite."""
+    """A run that cannot go on (its loss or weights stopped being finite), or cannot start."""
+
+
+def check_resumable(resume: dict | None, path, detector: str, save: Path, checkpoints: str, how_to_resume: str):
+    """Before a run starts: a checkpoint to resume must be this detector's, and a new run must not go into a
+    folder holding another run's checkpoints (it would overwrite them one by one; `checkpoints`: their glob)."""
+    if resume is not None:
+        found = ckpt.checkpoint_detector(resume)
+        if found != detector:
+            raise ckpt.CheckpointError(f"{path} holds a {found} checkpoint: resume it with --model {found}")
+        return
+    existing = sorted(save.glob(checkpoints), key=lambda p: p.stat().st_mtime) if save.is_dir() else []
+    if existing:
+        raise TrainingError(f"{save} already holds a run's checkpoints (the newest: {existing[-1].name}): "
+                            f"{how_to_resume}, or give another --save")
 
 
 def run_settings(cfg, world_size: int, train_images: int, iterations_per_epoch: int) -> dict:
@@ -77,9 +91,12 @@ def init_distributed(device: str) -> Distributed:
 
 
 def pick_device(requested: str | None, local_rank: int = 0) -> str:
-    if requested:
+    """The requested device; plain `cuda` (or none, where CUDA is) is this process's GPU: its local rank."""
+    if requested and requested != "cuda":
         return requested
-    return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" or torch.cuda.is_available():
+        return f"cuda:{local_rank}"
+    return "cpu"
 
 
 def set_math_modes(tf32: bool) -> None:

@@ -71,6 +71,9 @@ def test_malformed_annotations(tmp_path, tiny_checkpoint):
     (tmp_path / "annotations" / "instances_val2017.json").write_text('{"images": [], "annotations": []}')
     assert_one_line_error(run("evaluate", "--data", tmp_path, "--checkpoint", tiny_checkpoint),
                           "not a COCO instances file")
+    (tmp_path / "annotations" / "instances_val2017.json").write_text("[1, 2]")
+    assert_one_line_error(run("evaluate", "--data", tmp_path, "--checkpoint", tiny_checkpoint),
+                          "not a COCO instances file: not a JSON object")
 
 
 def test_missing_checkpoint(shapes_dir, tmp_path):
@@ -106,6 +109,80 @@ def test_unwritable_save_dir(shapes_dir, tmp_path):
     result = run("fit", "--data", shapes_dir, "--save", blocker / "run", "--epochs", 1, "--bs", 4,
                  "--backbone", "resnet18", "--no-pretrained-backbone", "--data-backend", "pytorch", "-j", 0)
     assert_one_line_error(result, "cannot write checkpoints to")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (("fit", "--data", "d", "--epochs", 0), "'--epochs': 0 is not in the range x>=1"),
+    (("fit", "--data", "d", "--lr", -1), "'--learning-rate' / '--lr': -1.0 is not in the range x>0"),
+    (("fit", "--data", "d", "--model", "maskrcnn", "--steps", "5,2"), "iterations in rising order, got '5,2'"),
+    (("fit", "--data", "d", "--device", "tpu"), "expected cpu, cuda or cuda:N, got 'tpu'"),
+    (("fit", "--data", "d", "--json-summary", "/nonexistent/s.json"), "its folder /nonexistent does not exist"),
+    (("benchmark", "--mode", "inference", "--batch-sizes", "0,1"), "batch sizes of at least 1, got '0,1'"),
+    (("benchmark", "--mode", "training", "--processes", "x"), "expected comma-separated numbers of processes"),
+    (("predict", "--checkpoint", "c.pt", "a.jpg", "--threshold", 5), "5.0 is not in the range 0<=x<=1"),
+    (("make-dataset", "shapes", "out", "--train", -5), "'--train': -5 is not in the range x>=0"),
+])
+def test_bad_option_values_are_one_line_before_any_work(args, fragment):
+    result = run(*args)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert fragment in result.output, result.output
+
+
+def test_a_cuda_device_without_cuda_is_one_line(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = run("evaluate", "--data", "d", "--checkpoint", "c.pt", "--device", "cuda:1")
+    assert result.exit_code == 2 and "cuda:1: no CUDA device is available here" in result.output
+
+
+def test_plain_cuda_is_this_process_gpu():
+    from ssd_train.train import pick_device
+
+    assert pick_device("cuda", local_rank=3) == "cuda:3" and pick_device("cuda:1", local_rank=3) == "cuda:1"
+    assert pick_device("cpu", local_rank=3) == "cpu"
+
+
+def test_make_dataset_never_writes_over_a_folder_in_use(tmp_path):
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "instances_train2017.json").write_text("{}")
+    assert_one_line_error(run("make-dataset", "shapes", tmp_path, "--train", 2, "--val", 1), "is not empty")
+    assert (tmp_path / "annotations" / "instances_train2017.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["annotations"]
+
+
+def test_a_new_run_never_overwrites_another_runs_checkpoints(shapes_dir, tmp_path):
+    """Without --checkpoint/--resume, a --save holding checkpoints is refused before any work: the
+    new run's epoch_0.pt would replace the old one's."""
+    for detector, name, hint in (("ssd300", "epoch_3.pt", "--checkpoint"), ("maskrcnn", "model_0000500.pt",
+                                                                          "--resume")):
+        save = tmp_path / detector
+        save.mkdir()
+        (save / name).write_bytes(b"the earlier run")
+        result = run("fit", "--model", detector, "--data", shapes_dir, "--save", save, "--bs", 2)
+        assert_one_line_error(result, "already holds a run's checkpoints", name, hint)
+        assert (save / name).read_bytes() == b"the earlier run" and len(list(save.iterdir())) == 1
+
+
+def test_fit_names_the_detector_a_checkpoint_holds(shapes_dir, tiny_checkpoint, tiny_maskrcnn_checkpoint, tmp_path):
+    assert_one_line_error(run("fit", "--model", "maskrcnn", "--data", shapes_dir, "--save", tmp_path / "a",
+                              "--checkpoint", tiny_checkpoint), "holds a ssd300 checkpoint: resume it with --model ssd300")
+    assert_one_line_error(run("fit", "--data", shapes_dir, "--save", tmp_path / "b", "--checkpoint",
+                              tiny_maskrcnn_checkpoint), "holds a maskrcnn checkpoint: resume it with --model maskrcnn")
+
+
+@pytest.mark.parametrize("backend", ["pytorch", "dali"])
+def test_a_truncated_training_image_is_one_line_naming_it(shapes_dir, tmp_path, backend):
+    """The check before training reads headers; a JPEG cut short fails when decoded, mid-run: still one
+    line naming the file, from a DataLoader worker (PyTorch) or DALI's pipeline alike."""
+    data = tmp_path / "data"
+    shutil.copytree(shapes_dir, data)
+    for split in ("train2017", "val2017"):
+        victim = sorted((data / split).iterdir())[0]
+        victim.write_bytes(victim.read_bytes()[:3000])
+    result = run("fit", "--data", data, "--save", tmp_path / "run", "--epochs", 1, "--bs", 4, "--backbone",
+                 "resnet18", "--no-pretrained-backbone", "--data-backend", backend, "-j", 1)
+    assert_one_line_error(result, "000001.jpg" if backend == "pytorch" else "1000000.jpg")
 
 
 @pytest.mark.slow

@@ -44,6 +44,8 @@ def load_annotations(split: CocoSplit) -> dict:
         data = json.loads(split.annotation_file.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise DatasetError(f"cannot read {split.annotation_file}: {err}") from None
+    if not isinstance(data, dict):
+        raise DatasetError(f"{split.annotation_file} is not a COCO instances file: not a JSON object")
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise DatasetError(f"{split.annotation_file} is not a COCO instances file: no '{key}' list")

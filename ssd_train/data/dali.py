@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import tempfile
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dali_math
 
 from ssd_common import io
+from ssd_common.layout import DatasetError
 from ssd_train.data import IMAGENET_MEAN, IMAGENET_STD
 
 IMAGE_SIZE = io.INPUT_SIZE
@@ -448,13 +450,14 @@ class DaliLoader:
         self._iterator = None  # release the old pipeline first
         pipe = self._make_pipeline(epoch)
         pipe.build()
-        self._iterator = DALIGenericIterator(
-            pipe,
-            self._output_names,
-            reader_name=READER,
-            last_batch_policy=self._policy,
-            auto_reset=True,
-        )
+        with _reading_errors():  # the iterator reads its first batch at once
+            self._iterator = DALIGenericIterator(
+                pipe,
+                self._output_names,
+                reader_name=READER,
+                last_batch_policy=self._policy,
+                auto_reset=True,
+            )
         self._next_epoch = epoch
 
     def set_epoch(self, epoch: int) -> None:
@@ -469,9 +472,23 @@ class DaliLoader:
         self._next_epoch += 1
         self._wanted_epoch = self._next_epoch
         self._in_epoch = True
-        for batch in self._iterator:
+        batches = iter(self._iterator)
+        while True:
+            with _reading_errors():
+                batch = next(batches, None)
+            if batch is None:
+                break
             yield self._convert(batch[0])
         self._in_epoch = False
+
+
+@contextmanager
+def _reading_errors():
+    """A file the reader cannot decode (a truncated JPEG) is one line, not DALI's page of C++ frames."""
+    try:
+        yield
+    except RuntimeError as err:
+        raise DatasetError(f"cannot read the dataset: {_dali_reason(err)}") from None
 
 
 def _epoch_seed(seed: int, epoch: int, salt: int = 0) -> int:

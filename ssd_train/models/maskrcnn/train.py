@@ -30,8 +30,9 @@ from ssd_train.inference import autocast
 from ssd_train.models.maskrcnn.data import build_eval_loader, build_train_loader
 from ssd_train.models.maskrcnn.inference import evaluate_model
 from ssd_train.models.maskrcnn.model import MaskRCNNSpec, build_maskrcnn
-from ssd_train.train import (MetricsLog, NonFiniteGuard, TrainingError, all_finite, check_resume, check_writable,
-                             init_distributed, make_grad_scaler, pick_device, run_settings, set_math_modes)
+from ssd_train.train import (MetricsLog, NonFiniteGuard, TrainingError, all_finite, check_resumable, check_resume,
+                             check_writable, init_distributed, make_grad_scaler, pick_device, run_settings,
+                             set_math_modes)
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +246,7 @@ def fit(cfg: MaskRCNNConfig) -> dict:
 
     resume_path = read_last_checkpoint(cfg.save) if cfg.resume and cfg.checkpoint is None else cfg.checkpoint
     resume = ckpt.load_checkpoint(resume_path) if resume_path else None
+    check_resumable(resume, resume_path, "maskrcnn", cfg.save, "model_*.pt", "resume it with --resume")
     if resume is not None and not {"optimizer", "scheduler", "iteration"} <= resume.keys():
         raise ckpt.CheckpointError(f"{resume_path} holds no training state (optimizer, scheduler, iteration): "
                                    "it can be evaluated or exported, not resumed")

@@ -22,8 +22,9 @@ from ssd_train.models.ssd300.checkpoint import checkpoint_backbone
 from ssd_train.models.ssd300.evaluate import evaluate_model
 from ssd_train.models.ssd300.loss import SSDLoss
 from ssd_train.models.ssd300.model import build_model
-from ssd_train.train import (MetricsLog, NonFiniteGuard, all_finite, check_resume, check_writable, init_distributed,
-                             make_grad_scaler, pick_device, run_settings, set_math_modes)
+from ssd_train.train import (MetricsLog, NonFiniteGuard, TrainingError, all_finite, check_resumable, check_resume,
+                             check_writable, init_distributed, make_grad_scaler, pick_device, run_settings,
+                             set_math_modes)
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +192,8 @@ def fit(cfg: FitConfig) -> dict:
     set_math_modes(cfg.tf32)
 
     resume = ckpt.load_checkpoint(cfg.checkpoint) if cfg.checkpoint else None
+    check_resumable(resume, cfg.checkpoint, "ssd300", cfg.save, "epoch_*.pt",
+                    f"resume it with --checkpoint {cfg.save}/epoch_N.pt")
     if resume is not None and not {"optimizer", "scheduler", "epoch", "iteration"} <= resume.keys():
         raise ckpt.CheckpointError(f"{cfg.checkpoint} holds no training state (optimizer, scheduler, epoch): "
                                    "it can be evaluated or exported, not resumed")
@@ -235,6 +238,9 @@ def fit(cfg: FitConfig) -> dict:
         if resume.get("random"):
             ckpt.set_random_states(resume["random"])
         start_epoch, iteration = int(resume["epoch"]), int(resume["iteration"])
+        if start_epoch >= cfg.epochs:
+            raise TrainingError(f"{cfg.checkpoint} has trained {start_epoch} epochs, --epochs {cfg.epochs}: nothing "
+                                "is left to train (a larger --epochs goes on)")
 
     if ddp.is_main:
         check_writable(cfg.save)
