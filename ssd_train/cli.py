@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -478,19 +479,25 @@ def predict(detector, images, checkpoint, backbone, threshold, output_dir, batch
 
         predictor = Predictor.from_checkpoint(checkpoint, backbone, pick_device(device), amp=amp,
                                               batch_size=batch_size)
+    failed = []  # a bad image is one line on stderr; the others still get their detections
     for path in images:
         try:
             data = Path(path).read_bytes()
-        except OSError as err:
-            raise click.ClickException(f"cannot read image {path}: {err.strerror}") from None
-        try:
             found = [d for d in predictor.detect([data])[0] if d["score"] >= threshold]
+        except OSError as err:
+            failed.append(path)
+            click.echo(f"Error: cannot read image {path}: {err.strerror}", err=True)
+            continue
         except ImageDecodeError as err:
-            raise click.ClickException(f"cannot decode image {path}: {err}") from None
+            failed.append(path)
+            click.echo(f"Error: {path}: {re.sub('^(image|input) 0: ', '', str(err))}", err=True)
+            continue
         for det in found:
             click.echo(json.dumps({"image": str(path), **det}))
         if output_dir is not None:
             save_annotated(data, found, Path(output_dir) / Path(path).name)
+    if failed:
+        raise click.exceptions.Exit(1)
 
 
 # ---------------------------------------------------------------------------------------------- export

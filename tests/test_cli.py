@@ -98,6 +98,18 @@ def test_unreadable_image(tiny_checkpoint, tmp_path):
     assert_one_line_error(run("predict", "--checkpoint", tiny_checkpoint, tmp_path / "missing.jpg"), "missing.jpg")
 
 
+def test_a_bad_image_loses_predict_none_of_the_others(shapes_dir, tiny_checkpoint, tmp_path):
+    good = sorted((shapes_dir / "val2017").iterdir())[:2]
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(good[0].read_bytes()[:2000])
+    result = CliRunner().invoke(cli, ["predict", "--checkpoint", str(tiny_checkpoint), str(good[0]), str(truncated),
+                                      str(tmp_path / "missing.jpg"), str(good[1]), "--threshold", "0"])
+    assert result.exit_code == 1
+    assert {json.loads(line)["image"] for line in result.stdout.splitlines()} == {str(p) for p in good}
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error")]
+    assert len(errors) == 2 and "truncated.jpg" in errors[0] and "missing.jpg" in errors[1], result.stderr
+
+
 def test_wrong_architecture(shapes_dir, tiny_checkpoint):
     assert_one_line_error(run("evaluate", "--data", shapes_dir, "--checkpoint", tiny_checkpoint,
                               "--backbone", "resnet34"), "do not fit the model")

@@ -19,7 +19,7 @@ import warnings
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from ssd_common.coco_eval import coco_evaluate, detection_records, segmentation_records
@@ -182,6 +182,8 @@ def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tenso
                 pixels = np.array(ImageOps.exif_transpose(image).convert("RGB"))
     except ImageError:
         raise
+    except UnidentifiedImageError:
+        raise ImageError("cannot decode image: not an image format PIL reads") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ImageError(f"cannot decode image: {reason}") from None
