@@ -44,15 +44,17 @@ def test_a_setting_round_trips_through_a_triton_config():
 
 
 @pytest.mark.slow
-def test_a_tiny_search_measures_each_candidate_and_writes_the_winner(tiny_checkpoint, tmp_path):
+def test_a_tiny_search_measures_each_candidate_and_writes_the_winner(tiny_checkpoint, tmp_path, monkeypatch):
     repository = tmp_path / "repository"
     export_model_repository(tiny_checkpoint, repository, precisions=["fp32"])
+    # Relative paths, as in the README: perf_analyzer runs in OUTPUT_DIR/raw, its input data is OUTPUT_DIR's.
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "search"
     proc = subprocess.run(
-        [sys.executable, str(TOOLS / "serving_search.py"), "--model-repository", str(repository),
+        [sys.executable, str(TOOLS / "serving_search.py"), "--model-repository", "repository",
          "--latency-budget-ms", "600000", "--steps", io.POSTPROCESS, "--instances", "1,2", "--delays-us", "0",
          "--concurrency", "2", "--measurement-request-count", "3", "--stability-percentage", "1000", "--max-trials", "3",
-         "--output-dir", str(out)],
+         "--output-dir", "search"],
         capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads((out / "serving_search.json").read_text())

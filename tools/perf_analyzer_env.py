@@ -44,11 +44,38 @@ class PerfAnalyzer:
             env["LD_LIBRARY_PATH"] = os.pathsep.join(dirs)
         return env
 
+    def run(self, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+        """perf_analyzer `args` run in `cwd` (where its relative `-f` CSVs land), output captured. An
+        `--input-data` file named relative to this process's directory is passed as an absolute path:
+        perf_analyzer opens it from `cwd`, and takes a name it cannot open there for a data kind
+        ("Unsupported type provided"). `proc.args[1:]` are the arguments it ran with."""
+        return subprocess.run([str(self.path), *absolute_input_data(args)], cwd=cwd, env=self.env(),
+                              capture_output=True, text=True)
+
     def version(self) -> str:
         """"2.51.0" from "Perf Analyzer Version 2.51.0 (commit ...)"."""
         out = subprocess.run([str(self.path), "--version"], env=self.env(), capture_output=True, text=True)
         words = (out.stdout + out.stderr).split()
         return words[words.index("Version") + 1] if "Version" in words[:-1] else "unknown"
+
+
+INPUT_DATA = "--input-data"
+INPUT_DATA_KINDS = {"random", "zero"}  # perf_analyzer's built-in data, not files
+
+
+def absolute_input_data(args: list[str]) -> list[str]:
+    """`args` with each `--input-data` path (`--input-data PATH` or `--input-data=PATH`) made absolute."""
+    def absolute(value: str) -> str:
+        return value if value in INPUT_DATA_KINDS else str(Path(value).resolve())
+
+    out = []
+    for i, arg in enumerate(args):
+        if i > 0 and args[i - 1] == INPUT_DATA:
+            arg = absolute(arg)
+        elif arg.startswith(INPUT_DATA + "="):
+            arg = f"{INPUT_DATA}={absolute(arg.split('=', 1)[1])}"
+        out.append(arg)
+    return out
 
 
 def cache_dir() -> Path:

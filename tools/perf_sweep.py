@@ -119,9 +119,9 @@ def perf_analyzer_args(run: Run, url: str, protocol: str, input_data: Path, opti
 def run_perf_analyzer(pa: PerfAnalyzer, run: Run, args: list[str], raw_dir: Path) -> None:
     for stale in [raw_dir / run.csv_name, *perf_report.composing_files(raw_dir, run.csv_name)]:
         stale.unlink(missing_ok=True)
-    proc = subprocess.run([str(pa.path), *args], cwd=raw_dir, env=pa.env(), capture_output=True, text=True)
+    proc = pa.run(args, raw_dir)
     log = raw_dir / (Path(run.csv_name).stem + ".log")
-    log.write_text(f"$ perf_analyzer {shlex.join(args)}\n{proc.stdout}{proc.stderr}")
+    log.write_text(f"$ perf_analyzer {shlex.join(proc.args[1:])}\n{proc.stdout}{proc.stderr}")
     where = f"{run.model} batch {run.batch_size} concurrency {run.concurrency}"
     if proc.returncode == UNSTABLE_EXIT_CODE:
         raise click.ClickException(
@@ -480,7 +480,7 @@ def sweep(pa: PerfAnalyzer, runs: list[Run], url: str, protocol: str, inputs: di
     progress = tqdm(runs, desc="perf_analyzer", unit="run")
     for run in progress:
         progress.set_postfix_str(f"{run.model} b{run.batch_size} c{run.concurrency}")
-        args = perf_analyzer_args(run, url, protocol, inputs[run.precision].resolve(), options)
+        args = perf_analyzer_args(run, url, protocol, inputs[run.precision], options)
         run_perf_analyzer(pa, run, args, raw_dir)
         try:
             measurements.append(perf_report.read_measurement(

@@ -27,7 +27,6 @@ import itertools
 import json
 import secrets
 import shlex
-import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -140,10 +139,10 @@ class Search:
                 "--measurement-request-count", str(self.options["measurement_request_count"]),
                 "--stability-percentage", str(self.options["stability_percentage"]),
                 "--max-trials", str(self.options["max_trials"]), "-f", name]
-        proc = subprocess.run([str(self.pa.path), *args], cwd=self.raw_dir, env=self.pa.env(), capture_output=True,
-                              text=True)
+        proc = self.pa.run(args, self.raw_dir)
         log = self.raw_dir / (Path(name).stem + ".log")
-        log.write_text(f"# {step}: {setting.describe()}\n$ perf_analyzer {shlex.join(args)}\n{proc.stdout}{proc.stderr}")
+        log.write_text(f"# {step}: {setting.describe()}\n$ perf_analyzer {shlex.join(proc.args[1:])}\n"
+                       f"{proc.stdout}{proc.stderr}")
         if proc.returncode == UNSTABLE_EXIT_CODE:
             raise SearchError(f"unstable measurement of {step} with {setting.describe()}: raise "
                               f"--measurement-request-count or --stability-percentage; perf_analyzer's log: {log}")
