@@ -223,11 +223,14 @@ def test_check_model_accepts_the_ensemble(grpc_style):
     ({sio.IMAGE: ("FP32", [-1, 3, 300, 300])}, {"max_batch_size": 8}, "input IMAGE is FP32"),
     ({sio.DETECTION_BOXES: ("FP32", [-1, 200, 5])}, {"max_batch_size": 8}, "per-image shape"),
     ({sio.DETECTION_SCORES: ("FP32", [-1, 100])}, {"max_batch_size": 8}, "per-image shape"),
-    ({}, {}, "does not batch"),
+    ({}, {}, r"does not batch \(max_batch_size 0\); the SSD300 and Mask R-CNN ensembles \('ssd300', 'maskrcnn'\) do"),
 ])
 def test_check_model_rejects_other_models(changes, config, message):
-    with pytest.raises(ModelMismatchError, match=message):
+    with pytest.raises(ModelMismatchError, match=message) as refused:
         wire.check_model("other", ensemble_metadata(**changes), config)
+    if config:  # without masks it may have been meant as either ensemble: both are named
+        assert str(refused.value).startswith("model 'other' is neither the SSD300 ensemble ('ssd300') nor the "
+                                             "Mask R-CNN one ('maskrcnn'): ")
 
 
 def test_model_not_found_lists_what_is_served_or_why_not_ready():
@@ -726,7 +729,8 @@ def test_a_batch_above_the_max_is_split_into_requests(served, protocol):
 def test_wrong_model_and_other_io_are_one_clear_error_each(served, protocol):
     with pytest.raises(ModelNotFoundError, match=f"model 'yolo' is not served by .*models: .*{sio.ENSEMBLE}"):
         SSDClient(served.url(protocol), protocol, model="yolo")
-    with pytest.raises(ModelMismatchError, match=f"model '{sio.POSTPROCESS}' is not the SSD300 ensemble: .*IMAGE"):
+    with pytest.raises(ModelMismatchError, match=f"model '{sio.POSTPROCESS}' is neither the SSD300 ensemble "
+                                                 r"\('ssd300'\) nor the Mask R-CNN one .*IMAGE"):
         SSDClient(served.url(protocol), protocol, model=sio.POSTPROCESS)
 
 

@@ -175,11 +175,14 @@ def check_model(name: str, metadata: dict, config: dict) -> ModelSpec:
     inputs, outputs = tensor_specs(metadata.get("inputs")), tensor_specs(metadata.get("outputs"))
     masks = io.DETECTION_MASKS in outputs
     expected = MASK_OUTPUT_DTYPES if masks else OUTPUT_DTYPES
-    kind, ensemble = ("Mask R-CNN", io.MASKRCNN_ENSEMBLE) if masks else ("SSD300", io.ENSEMBLE)
+    if masks:
+        wrong, batching = "not the Mask R-CNN ensemble", f"the Mask R-CNN ensemble {io.MASKRCNN_ENSEMBLE!r} does"
+    else:  # it may have been meant as either ensemble (a Mask R-CNN step, say): name both
+        wrong = f"neither the SSD300 ensemble ({io.ENSEMBLE!r}) nor the Mask R-CNN one ({io.MASKRCNN_ENSEMBLE!r})"
+        batching = f"the SSD300 and Mask R-CNN ensembles ({io.ENSEMBLE!r}, {io.MASKRCNN_ENSEMBLE!r}) do"
     max_batch_size = int(config.get("max_batch_size", 0))
     if max_batch_size < 1:
-        raise ModelMismatchError(f"model {name!r} does not batch (max_batch_size 0); "
-                                 f"the {kind} ensemble {ensemble!r} does")
+        raise ModelMismatchError(f"model {name!r} does not batch (max_batch_size 0); {batching}")
     problems = _tensor_problems("input", inputs, INPUT_DTYPES) + _tensor_problems("output", outputs, expected)
     if set(inputs) != set(INPUT_DTYPES):
         problems.append(f"inputs are {sorted(inputs)}, expected {sorted(INPUT_DTYPES)}")
@@ -187,7 +190,7 @@ def check_model(name: str, metadata: dict, config: dict) -> ModelSpec:
         per_image = {n: shape[1:] for n, (_, shape) in outputs.items() if n in expected}
         problems = _shape_problems(per_image, masks)
     if problems:
-        raise ModelMismatchError(f"model {name!r} is not the {kind} ensemble: " + "; ".join(problems))
+        raise ModelMismatchError(f"model {name!r} is {wrong}: " + "; ".join(problems))
     return ModelSpec(name, max_batch_size, per_image, masks)
 
 
