@@ -870,6 +870,30 @@ def test_cli_errors_are_one_line():
                                      "([Errno 111] Connection refused)")
 
 
+@pytest.mark.parametrize("command, option, value, message", [
+    ("detect", "--timeout", 0, "0.0 is not in the range 0<x<=86400.0"),
+    ("detect", "--timeout", -1, "-1.0 is not in the range 0<x<=86400.0"),
+    ("detect", "--timeout", "nan", "'nan' is not a finite number"),
+    ("detect", "--timeout", "inf", "inf is not in the range 0<x<=86400.0"),
+    ("detect", "--threshold", 1.5, "1.5 is not in the range 0<=x<=1"),
+    ("detect", "--threshold", "nan", "'nan' is not a finite number"),
+    ("detect", "--batch-size", 0, "0 is not in the range x>=1"),
+    ("detect", "--retry-backoff", "nan", "'nan' is not a finite number"),
+    ("evaluate", "--timeout", 0, "0.0 is not in the range 0<x<=86400.0"),
+    ("evaluate", "--concurrency", 0, "0 is not in the range 1<=x<=1024"),
+    ("evaluate", "--batch-size", -2, "-2 is not in the range x>=1"),
+    ("status", "--timeout", 0, "0.0 is not in the range 0<x<=86400.0"),
+])
+def test_cli_numbers_out_of_range_are_refused_at_the_option(command, option, value, message):
+    from ssd_client.cli import cli
+
+    arguments = {"detect": [DATA_DIR / "rocket.jpg"], "evaluate": ["--data", "/nonexistent"], "status": []}
+    url = f"127.0.0.1:{free_port()}"  # nothing listens: the option is refused before any call
+    result = run_cli(cli, command, *arguments[command], "--url", url, option, value)
+    assert result.exit_code == 2
+    assert result.output.splitlines()[-1] == f"Error: Invalid value for '{option}': {message}."
+
+
 def test_status_from_a_server_that_is_not_triton_is_one_line():
     """Any HTTP server answering JSON to every path: the status says it is no Triton server, in one line."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from pathlib import Path
 
 import click
@@ -14,6 +15,22 @@ from ssd_client.errors import SSDClientError
 from ssd_client.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_MAX_FAILURES
 from ssd_client.protocol import DEFAULT_RETRIES, DEFAULT_RETRY_BACKOFF, DEFAULT_TIMEOUT, PROTOCOLS
 from ssd_common import io
+
+
+class FiniteRange(click.FloatRange):
+    """A FloatRange that refuses nan and inf too (nan passes any range check: every comparison is False)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
+MAX_TIMEOUT = 86400.0  # a day; gRPC cannot set a deadline much further out (its clock overflows)
+TIMEOUT = FiniteRange(min=0, min_open=True, max=MAX_TIMEOUT)
+BATCH_SIZE = click.IntRange(min=1)
+MAX_CONCURRENCY = 1024  # each request in flight holds a slot (and with shared memory its regions)
 
 
 def user_errors(func):
@@ -34,14 +51,15 @@ def server_options(func):
         click.option("--protocol", type=click.Choice(PROTOCOLS), default="http", show_default=True),
         click.option("--model", default=io.ENSEMBLE, show_default=True,
                      help=f"Served model to call: {io.ENSEMBLE} or {io.MASKRCNN_ENSEMBLE} (boxes and masks)."),
-        click.option("--timeout", default=DEFAULT_TIMEOUT, show_default=True, help="Seconds per request."),
+        click.option("--timeout", type=TIMEOUT, default=DEFAULT_TIMEOUT, show_default=True,
+                     help="Seconds per request."),
         click.option("--shared-memory", is_flag=True,
                      help="Pass images and detections through system shared memory (server on this host, "
                           "started with `ssd-serve --allow-shared-memory`; not with masks)."),
         click.option("--retries", type=click.IntRange(min=0), default=DEFAULT_RETRIES, show_default=True,
                      help="How many times a call is tried again when the server cannot be reached, drops the "
                           "connection or is unavailable (never for a rejected image); 0: no retries."),
-        click.option("--retry-backoff", type=click.FloatRange(min=0), default=DEFAULT_RETRY_BACKOFF,
+        click.option("--retry-backoff", type=FiniteRange(min=0), default=DEFAULT_RETRY_BACKOFF,
                      show_default=True, help="Seconds before the first retry, doubled for each further one."),
     ]
     for option in reversed(options):
@@ -57,14 +75,16 @@ def cli():
 @cli.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @server_options
-@click.option("--threshold", default=0.3, show_default=True, help="Minimum score to report.")
+@click.option("--threshold", type=FiniteRange(0, 1), default=0.3, show_default=True,
+              help="Minimum score to report.")
 @click.option("--labels", type=click.Path(dir_okay=False, path_type=Path),
               help="labels.json of the served model (written by `ssd-train export`) [default: COCO].")
 @click.option("--json", "json_lines", is_flag=True,
               help="One JSON line per detection instead of a table (with masks: the mask as COCO RLE).")
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Write annotated copies of the images here (boxes, labels and masks).")
-@click.option("--batch-size", type=int, default=None, help="Images per request [default: the server's max batch].")
+@click.option("--batch-size", type=BATCH_SIZE, default=None,
+              help="Images per request [default: the server's max batch].")
 @user_errors
 def detect(images, url, protocol, model, timeout, shared_memory, retries, retry_backoff, threshold, labels,
            json_lines, output_dir, batch_size):
@@ -117,8 +137,10 @@ def write_annotated(images, found, output_dir: Path) -> None:
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="COCO-layout dataset directory.")
 @click.option("--split", default="val2017", show_default=True)
 @server_options
-@click.option("--concurrency", default=DEFAULT_CONCURRENCY, show_default=True, help="Requests in flight.")
-@click.option("--batch-size", default=None, type=int, help=f"Images per request [default: {DEFAULT_BATCH_SIZE}].")
+@click.option("--concurrency", type=click.IntRange(1, MAX_CONCURRENCY), default=DEFAULT_CONCURRENCY,
+              show_default=True, help="Requests in flight.")
+@click.option("--batch-size", type=BATCH_SIZE, default=None,
+              help=f"Images per request [default: {DEFAULT_BATCH_SIZE}].")
 @click.option("--json-summary", type=click.Path(dir_okay=False, path_type=Path),
               help="Write mAP and the 12 COCO stats (the keys of `ssd-train evaluate`), the number of images "
                    "scored and the failed ones here.")
@@ -165,7 +187,7 @@ def evaluate(data, split, url, protocol, model, timeout, shared_memory, retries,
 @cli.command()
 @click.option("--url", default=None, help="Server host:port [default: localhost:8000 (http), :8001 (grpc)].")
 @click.option("--protocol", type=click.Choice(PROTOCOLS), default="http", show_default=True)
-@click.option("--timeout", default=10.0, show_default=True, help="Seconds per call.")
+@click.option("--timeout", type=TIMEOUT, default=10.0, show_default=True, help="Seconds per call.")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
 @user_errors
 def status(url, protocol, timeout, as_json):
