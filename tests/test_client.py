@@ -859,7 +859,8 @@ def test_cli_errors_are_one_line():
     result = run_cli(cli, "detect", DATA_DIR / "rocket.jpg", "--url", url, "--retries", 1, "--retry-backoff", 0.01)
     assert result.exit_code == 1
     assert result.output.strip() == (f"Error: cannot reach the Triton server at {url} (http): is it running? "
-                                     "([Errno 111] Connection refused) (gave up after 2 attempts)")
+                                     f"([Errno 111] Connect call failed ('127.0.0.1', {url.split(':')[1]})) "
+                                     "(gave up after 2 attempts)")
     result = run_cli(cli, "evaluate", "--data", "/nonexistent", "--url", url)
     assert result.exit_code == 1 and result.output.count("\n") == 1
     assert "/nonexistent" in result.output and result.output.startswith("Error: ")
@@ -971,6 +972,34 @@ def test_cli_detect_prints_and_draws_what_the_library_finds(served, tmp_path):
         with Image.open(out / path.name) as drawn, Image.open(path) as original:
             assert drawn.size == original.size
             assert not np.array_equal(np.asarray(drawn.convert("RGB")), np.asarray(original.convert("RGB")))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch_size", [None, 1])
+def test_cli_detect_reports_the_good_images_and_names_each_bad_one(served, tmp_path, batch_size):
+    """A truncated JPEG (the server refuses it) and a missing file among good photos: the photos'
+    detections are printed and drawn, each bad image is one line on stderr, and the exit status is 1."""
+    from ssd_client.cli import cli
+
+    good = [DATA_DIR / "rocket.jpg", DATA_DIR / "astronaut.png"]
+    truncated, missing = tmp_path / "truncated.jpg", tmp_path / "missing.jpg"
+    truncated.write_bytes(good[0].read_bytes()[:3000])
+    with SSDClient(served.grpc_url, "grpc", label_map=served.labels, batch_size=1) as client:
+        expected = client.detect(good, threshold=0.3)
+    assert all(expected)
+    out = tmp_path / "annotated"
+    options = ["--labels", served.labels, "--url", served.grpc_url, "--protocol", "grpc", "--json",
+               "--output-dir", out, *(["--batch-size", batch_size] if batch_size else [])]
+    result = run_cli(cli, "detect", good[0], truncated, missing, good[1], *options)
+    assert result.exit_code == 1
+    lines = [json.loads(line) for line in result.stdout.splitlines()]  # each photo went alone, as expected's
+    assert lines == [{"image": str(path), **d.to_dict()} for path, found in zip(good, expected) for d in found]
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("wrote ")]
+    assert errors == [f"Error: {truncated}: Triton server at {served.grpc_url} (grpc) failed while detecting in "
+                      f"{truncated}: in ensemble '{sio.ENSEMBLE}', IMAGE input 0: cannot decode image: truncated "
+                      "JPEG (no end-of-image marker)",
+                      f"Error: {missing}: no such file"]
+    assert sorted(path.name for path in out.iterdir()) == sorted(path.name for path in good)
 
 
 @pytest.mark.slow

@@ -407,6 +407,29 @@ def test_cli_detect_prints_the_masks_and_draws_them(served, tmp_path):
 
 
 @pytest.mark.slow
+def test_cli_detect_reports_the_good_image_and_names_the_bad_one(served, tmp_path):
+    """A truncated JPEG (the server refuses it) beside a good one: the good one's masks are printed, the bad
+    one is one line on stderr and the exit status is 1."""
+    from ssd_client.cli import cli
+
+    good = sample_images(served)[0]
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with SSDClient(served.http_url, model=sio.MASKRCNN_ENSEMBLE, label_map=served.labels) as client:
+        expected = client.detect(good, threshold=0.3)[0]
+    assert expected
+    result = run_cli(cli, "detect", truncated, good, "--model", sio.MASKRCNN_ENSEMBLE, "--labels", served.labels,
+                     "--url", served.http_url, "--json")
+    assert result.exit_code == 1
+    assert [json.loads(line) for line in result.stdout.splitlines()] == [{"image": str(good), **d.to_dict()}
+                                                                         for d in expected]
+    assert result.stderr.splitlines() == [
+        f"Error: {truncated}: Triton server at {served.http_url} (http) failed while detecting in {truncated}: "
+        f"in ensemble '{sio.MASKRCNN_ENSEMBLE}', IMAGE input 0: cannot decode image: truncated JPEG (no "
+        "end-of-image marker)"]
+
+
+@pytest.mark.slow
 def test_cli_evaluate_gives_the_box_and_mask_scores_of_ssd_train_evaluate(served, tmp_path):
     """Both one image at a time (`ssd-train evaluate`'s default batch for Mask R-CNN is 1)."""
     from ssd_client.cli import cli

@@ -3,6 +3,7 @@ call, report."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import math
@@ -12,7 +13,7 @@ import click
 
 from ssd_client.aio import DEFAULT_CONCURRENCY
 from ssd_client.errors import SSDClientError
-from ssd_client.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_MAX_FAILURES
+from ssd_client.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_MAX_FAILURES, collect_detections
 from ssd_client.protocol import DEFAULT_RETRIES, DEFAULT_RETRY_BACKOFF, DEFAULT_TIMEOUT, PROTOCOLS
 from ssd_common import io
 
@@ -88,20 +89,39 @@ def cli():
 @user_errors
 def detect(images, url, protocol, model, timeout, shared_memory, retries, retry_backoff, threshold, labels,
            json_lines, output_dir, batch_size):
-    """Detect objects in IMAGES (files) through the server; Mask R-CNN's table gives each mask's area."""
-    from ssd_client.balance import open_client
+    """Detect objects in IMAGES (files) through the server; Mask R-CNN's table gives each mask's area.
+    An image that fails (unreadable, rejected by the server) is one line on stderr and the exit status
+    is 1; the other images are still reported."""
+    from ssd_client.balance import open_async_client
 
-    with open_client(url, protocol=protocol, model=model, timeout=timeout, label_map=labels, batch_size=batch_size,
-                     shared_memory=shared_memory, retries=retries, retry_backoff=retry_backoff) as client:
-        found = client.detect([str(path) for path in images], threshold)
+    async def run():
+        # evaluate's loop: one request at a time, and a failed request is sent again image by image.
+        async with open_async_client(url, protocol=protocol, model=model, timeout=timeout, label_map=labels,
+                                     batch_size=batch_size, concurrency=1, shared_memory=shared_memory,
+                                     retries=retries, retry_backoff=retry_backoff) as client:
+            return await collect_detections(client, list(enumerate(images)), client.batch_size, progress=False,
+                                            max_failures=len(images), threshold=threshold)
+
+    answers, failures = asyncio.run(run())
+    answered = [images[index] for index, _ in answers]
+    found = [detections for _, detections in answers]
     if json_lines:
-        for path, detections in zip(images, found):
+        for path, detections in zip(answered, found):
             for det in detections:
                 click.echo(json.dumps({"image": str(path), **det.to_dict()}))
-    else:
-        click.echo(format_table([str(path) for path in images], found))
+    elif answered:
+        click.echo(format_table([str(path) for path in answered], found))
     if output_dir is not None:
-        write_annotated(images, found, output_dir)
+        failures += write_annotated(answered, found, output_dir)
+    for failure in failures:
+        click.echo(f"Error: {failure_line(failure)}", err=True)
+    if failures:
+        raise click.exceptions.Exit(1)
+
+
+def failure_line(failure: dict) -> str:
+    """"image: reason" of a failed image (errors about one file often start with its name already)."""
+    return f"{failure['image']}: {failure['error'].removeprefix(failure['image'] + ': ')}"
 
 
 def format_table(names: list[str], found) -> str:
@@ -121,16 +141,21 @@ def format_table(names: list[str], found) -> str:
     return "\n".join(lines)
 
 
-def write_annotated(images, found, output_dir: Path) -> None:
+def write_annotated(images, found, output_dir: Path) -> list[dict]:
+    """Each image with its detections drawn, into `output_dir`; the images that could not be written
+    ([{"image", "error"}])."""
     from ssd_common.draw import save_annotated  # PIL only, shared with `ssd-train predict`
 
+    failures = []
     for path, detections in zip(images, found):
         try:
             out = save_annotated(Path(path).read_bytes(), [d.to_dict() for d in detections],
                                  Path(output_dir) / Path(path).name)
         except (OSError, ValueError) as err:
-            raise click.ClickException(f"cannot write the annotated copy of {path}: {err}") from None
+            failures.append({"image": str(path), "error": f"cannot write its annotated copy: {err}"})
+            continue
         click.echo(f"wrote {out}", err=True)
+    return failures
 
 
 @cli.command()
@@ -164,8 +189,8 @@ def evaluate(data, split, url, protocol, model, timeout, shared_memory, retries,
     click.echo(result["summary"].rstrip())
     if failures:
         click.echo(f"{len(failures)} images failed and are left out of the score:")
-        for failure in failures:  # errors about one file often start with its name already
-            click.echo(f"  {failure['image']}: {failure['error'].removeprefix(failure['image'] + ': ')}")
+        for failure in failures:
+            click.echo(f"  {failure_line(failure)}")
     failed = f", {len(failures)} failed" if failures else ""
     masks = "segm" in result
     if masks:

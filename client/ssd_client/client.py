@@ -63,7 +63,8 @@ class SSDClient:
     def detect(self, images, threshold: float = 0.0) -> list[list[wire.Detection]]:
         """Detections per image, in input order (a list per image, also when one image is given).
         Images: file paths, encoded bytes, HxWx3 uint8 RGB arrays (a BxHxWx3 array is B images) or PIL
-        images; one or a sequence. Requests hold at most `batch_size` images."""
+        images; one or a sequence. Requests hold at most `batch_size` images. An image that cannot be read or
+        that the server rejects fails the whole call (`ssd-client detect` then asks again image by image)."""
         items = as_image_list(images)
         results = []
         for start, chunk in chunks(items, self.batch_size):

@@ -54,17 +54,19 @@ def load_split(root, split: str) -> SplitImages:
 
 
 async def collect_detections(client: AsyncSSDClient, images: list[tuple[int, Path]], batch_size: int,
-                             progress: bool = True, max_failures: int = DEFAULT_MAX_FAILURES
-                             ) -> tuple[list[tuple[int, list]], list[dict]]:
-    """(image id, detections) for each answered image of `images`, in their order, detected by the
-    server in requests of `batch_size` images, and the images that failed ([{"image_id", "image",
-    "error"}], by image id). More than `max_failures` failed images stop the run with an SSDClientError."""
+                             progress: bool = True, max_failures: int = DEFAULT_MAX_FAILURES,
+                             threshold: float = 0.0) -> tuple[list[tuple[int, list]], list[dict]]:
+    """(image id, detections with score >= threshold) for each answered image of `images`, in their order,
+    detected by the server in requests of `batch_size` images, and the images that failed ([{"image_id",
+    "image", "error"}], by image id). More than `max_failures` failed images stop the run with an
+    SSDClientError. `ssd-client detect` reports its images through this too."""
     bar = tqdm(total=len(images), desc="evaluate", unit="img", disable=not progress, mininterval=1)
     failures = []
 
     async def detect_chunk(chunk) -> list[tuple[int, list]]:
         try:
-            found = await client.detect([path for _, path in chunk])  # files are read once a request slot is free
+            # Files are read once a request slot is free.
+            found = await client.detect([path for _, path in chunk], threshold)
         except SSDClientError as err:
             if len(chunk) > 1 and not isinstance(err, ServerUnavailableError):
                 # One bad image fails its whole request: ask again image by image to find it.

@@ -256,7 +256,8 @@ def _translate(err: BaseException, where: str, action: str) -> SSDClientError:
     if isinstance(err, TimeoutError):
         return ServerUnavailableError(f"{where} timed out while {action}")
     if isinstance(err, OSError):  # connection refused/reset; aiohttp's connection errors are OSErrors too
-        return ServerUnavailableError(f"cannot reach the {where}: is it running? ({_one_line(str(err))})")
+        cause = getattr(err, "os_error", err)  # aiohttp's wraps the socket's error in "Cannot connect to host ..."
+        return ServerUnavailableError(f"cannot reach the {where}: is it running? ({_one_line(str(cause))})")
     if _dropped(err):
         return ServerUnavailableError(f"lost the {where} while {action}: it closed the connection "
                                       f"({type(err).__name__}: {_one_line(str(err))})")
