@@ -172,6 +172,21 @@ def test_perf_analyzer_is_found_and_runs():
     assert analyzer.version().split(".")[0].isdigit()
 
 
+def test_relative_input_data_is_found_from_the_directory_perf_analyzer_runs_in(tmp_path, monkeypatch):
+    """The tools run perf_analyzer in OUTPUT_DIR/raw with input data written by a relative OUTPUT_DIR: the
+    path must reach it absolute, or it takes the name for a data kind and stops before measuring."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "raw").mkdir()
+    perf_inputs.write_input_data(Path("input.json"), perf_inputs.encoded_image_data([("x.jpg", b"\xff\xd8")]))
+    args = ["-m", io.ENSEMBLE, "-u", f"localhost:{free_port()}", "--input-data", "input.json", "-f", "x.csv"]
+    proc = perf_analyzer_env.locate().run(args, Path("raw"))
+    assert proc.args[1:] == [*args[:5], str(tmp_path / "input.json"), *args[6:]]
+    assert proc.returncode != 0 and "Unsupported type" not in proc.stdout + proc.stderr
+    assert "Couldn't connect to server" in proc.stderr  # past the input data: no server is listening
+    assert perf_analyzer_env.absolute_input_data(["--input-data=random", "--input-data", "zero"]) == [
+        "--input-data=random", "--input-data", "zero"]
+
+
 @pytest.mark.skipif(not (shutil.which("apt-get") and shutil.which("dpkg")), reason="needs apt-get and dpkg")
 def test_libb64_is_fetched_without_root_into_a_cache(tmp_path):
     first = perf_analyzer_env.find_or_fetch_libb64(tmp_path / "cache")
@@ -421,3 +436,61 @@ def test_maskrcnn_batch_sizes_stop_at_its_max_batch_size(maskrcnn_server, tmp_pa
     assert sizes == {"maskrcnn": [1, 2, 4, 8], "maskrcnn_model": [1, 2, 4, 8]}
     assert notes == [f"`{model}`: batch sizes over its max_batch_size 8 skipped (16, 32, 64)"
                      for model in (io.MASKRCNN_ENSEMBLE, io.MASKRCNN_MODEL)]
+
+
+# ----------------------------------------------------------------------------------------------- tools/soak.py
+# Its refusals and its verdict, without a server (its runs against real servers: tests/test_serving.py and
+# tests/test_serving_maskrcnn.py).
+SOAK = ROOT / "tools" / "soak.py"
+
+
+def run_soak(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SOAK), *args], capture_output=True, text=True, timeout=120)
+
+
+def test_a_soak_without_a_server_fails_in_one_line():
+    port = free_port()  # nothing listens there
+    proc = run_soak("--url", f"127.0.0.1:{port}", "--model", io.MASKRCNN_ENSEMBLE, "--requests", "2", "--clients",
+                    "1", "--warmup", "0", "--corrupt-every", "1", "--oversized-every", "1")
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr.splitlines() == [
+        f"soak: no Triton server answers at 127.0.0.1:{port} (http): [Errno 111] Connection refused"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--corrupt-every", "-1"], "argument --corrupt-every: -1 is below 0"),
+    (["--oversized-every", "x"], "argument --oversized-every: 'x' is not an integer"),
+    (["--warmup", "-2"], "argument --warmup: -2 is below 0"),
+    (["--clients", "0"], "argument --clients: 0 is below 1"),
+    (["--server-pid", "999999999"], "argument --server-pid: no process 999999999 on this machine (its memory is "
+                                    "read from /proc)"),
+    (["--url", "localhost"], "--url 'localhost' is not host:port"),
+    (["--json-summary", "/no/such/dir/soak.json"], "--json-summary /no/such/dir/soak.json: no directory /no/such/dir"),
+])
+def test_bad_soak_options_are_one_line_usage_errors(args, message):
+    proc = run_soak(*args)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1] == f"soak.py: error: {message}"
+
+
+def test_a_soak_whose_requests_failed_unexpectedly_says_so():
+    import argparse
+
+    import soak
+
+    args = argparse.Namespace(url="127.0.0.1:8000", protocol="http", model=io.ENSEMBLE, clients=1, requests=6,
+                              corrupt_every=3, oversized_every=0)
+    memory = dict.fromkeys(("rss_after_warmup", "rss_at_end", "rss_peak", "server_pid"))
+    tally = soak.Tally(answered=4, latencies=[0.1] * 4, bad_failed_otherwise=2)
+    for _ in range(2):
+        tally.note_error("[Errno 111] Connection refused")
+    summary = soak.summarise(args, tally, 1.0, memory)
+    report = soak.format_report(summary)
+    assert "every 3rd request corrupt, no request oversized" in report.splitlines()[0]
+    assert "unexpected (2x)    [Errno 111] Connection refused" in report
+    assert soak.verdict(summary) == ("soak: FAILED: 2 bad request(s) failed otherwise than as bad input (the "
+                                     "unexpected errors are listed above)")
+    assert soak.verdict(soak.summarise(args, soak.Tally(answered=4, rejected=2), 1.0, memory)) is None
+    assert [soak.every(n) for n in (1, 2, 3, 4, 11, 12, 13, 21, 22, 23, 111)] == [
+        "every request", *(f"every {n} request" for n in ("2nd", "3rd", "4th", "11th", "12th", "13th", "21st",
+                                                          "22nd", "23rd", "111th"))]

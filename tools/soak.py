@@ -13,7 +13,9 @@ decoded) mixed in. Every answer is classified:
 
 and the report adds latency (p50/p99 of good requests), throughput, and the server's resident memory
 (the server process and its python stubs) after warm-up, at the end and at its peak. Exit code 1
-when any collateral failure or bad answer happened.
+when any request went otherwise than it should (a collateral failure, a bad answer, or a bad image that
+failed otherwise than as bad input: a server fault, a lost connection), with a last line saying so; 2
+when the server cannot be reached, does not serve the model or fails good requests during warm-up.
 
     python tools/soak.py --url 127.0.0.1:8000 --clients 8 --requests 50
     python tools/soak.py --url 127.0.0.1:8001 --protocol grpc --corrupt-every 10 --oversized-every 25
@@ -276,6 +278,16 @@ def _gib(value: int | None) -> str:
     return "n/a" if value is None else f"{value / 2**30:.2f} GiB"
 
 
+def every(n: int) -> str:
+    """"every 3rd request", "every request", "no request" (n = 0)."""
+    if n == 0:
+        return "no request"
+    if n == 1:
+        return "every request"
+    suffix = "th" if n % 100 in (11, 12, 13) else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"every {n}{suffix} request"
+
+
 def summarise(args, tally: Tally, seconds: float, memory: dict) -> dict:
     good = tally.answered + tally.collateral
     bad = tally.rejected + tally.bad_answered + tally.bad_failed_otherwise
@@ -299,20 +311,69 @@ def format_report(summary: dict) -> str:
     rss_warm, rss_end, rss_peak = summary["rss_after_warmup"], summary["rss_at_end"], summary["rss_peak"]
     lines = [
         f"soak: {summary['clients']} clients x {summary['requests_per_client']} requests to {summary['model']} at "
-        f"{summary['url']} ({summary['protocol']}); every {summary['corrupt_every']}th corrupt, "
-        f"every {summary['oversized_every']}th oversized",
+        f"{summary['url']} ({summary['protocol']}); {every(summary['corrupt_every'])} corrupt, "
+        f"{every(summary['oversized_every'])} oversized",
         f"  answered              {summary['answered']} / {summary['good_requests']} good requests",
         f"  rejected              {summary['rejected']} / {summary['bad_requests']} bad requests (as bad input)",
         f"  collateral failures   {summary['collateral_failures']}",
         f"  bad answered          {summary['bad_answered']}",
         f"  latency (good)        p50 {summary['p50_ms']:.0f} ms, p99 {summary['p99_ms']:.0f} ms",
         f"  throughput            {summary['requests_per_s']:.2f} requests/s over {summary['seconds']:.1f} s",
-        f"  server RSS            {_gib(rss_warm)} after warm-up, {_gib(rss_end)} at the end{delta(rss_warm, rss_end)}, "
+        f"  server RSS            {_gib(rss_warm)} after warm-up, {_gib(rss_end)} at the end"
+        f"{delta(rss_warm, rss_end)}, "
         f"peak {_gib(rss_peak)}{delta(rss_warm, rss_peak)}",
     ]
     for message, count in summary["unexpected_errors"].items():
         lines.append(f"  unexpected ({count}x)    {message}")
     return "\n".join(lines)
+
+
+def verdict(summary: dict) -> str | None:
+    """One line naming what went wrong, None when every request went as it should."""
+    wrong = [f"{summary[key]} {what}" for key, what in (
+        ("collateral_failures", "good request(s) failed"),
+        ("bad_answered", "bad request(s) answered"),
+        ("bad_failed_as_server_fault", "bad request(s) failed otherwise than as bad input"))
+        if summary[key]]
+    return f"soak: FAILED: {'; '.join(wrong)} (the unexpected errors are listed above)" if wrong else None
+
+
+def count(minimum: int):
+    """An argparse type: an integer of at least `minimum`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+        return value
+    return parse
+
+
+def server_pid(text: str) -> int:
+    pid = count(1)(text)
+    if not Path(f"/proc/{pid}").is_dir():
+        raise argparse.ArgumentTypeError(f"no process {pid} on this machine (its memory is read from /proc)")
+    return pid
+
+
+def check_server(protocol: str, url: str, model: str) -> str | None:
+    """Why the soak cannot start against `url` (one line), None when the server serves `model`."""
+    try:
+        _, client = _client(protocol, url)
+    except Exception as err:  # a URL the client library refuses
+        return f"cannot connect to {url} ({protocol}): {' '.join(str(err).split())[:200]}"
+    try:
+        if not client.is_server_live():
+            return f"the server at {url} ({protocol}) is not live"
+        if not client.is_model_ready(model):
+            return f"the server at {url} ({protocol}) does not serve {model} (not loaded or not ready)"
+    except Exception as err:  # refused, unknown host, another protocol on the port
+        return f"no Triton server answers at {url} ({protocol}): {' '.join(str(err).split())[:200]}"
+    finally:
+        client.close()
+    return None
 
 
 def main(argv=None) -> int:
@@ -322,18 +383,28 @@ def main(argv=None) -> int:
     parser.add_argument("--protocol", choices=("http", "grpc"), default="http")
     parser.add_argument("--model", choices=tuple(io.ENSEMBLES), default=io.ENSEMBLE,
                         help="the ensemble to soak (default %(default)s)")
-    parser.add_argument("--clients", type=int, default=8, help="concurrent clients (default %(default)s)")
-    parser.add_argument("--requests", type=int, default=50, help="requests per client (default %(default)s)")
-    parser.add_argument("--corrupt-every", type=int, default=10, help="every Nth request corrupt; 0: none")
-    parser.add_argument("--oversized-every", type=int, default=25, help="every Nth request oversized; 0: none")
-    parser.add_argument("--warmup", type=int, default=2, help="good requests per client before measuring memory")
-    parser.add_argument("--server-pid", type=int, help="pid of the server (default: the local listener on the port)")
+    parser.add_argument("--clients", type=count(1), default=8, help="concurrent clients (default %(default)s)")
+    parser.add_argument("--requests", type=count(1), default=50, help="requests per client (default %(default)s)")
+    parser.add_argument("--corrupt-every", type=count(0), default=10,
+                        help="every Nth request (counted over all clients) corrupt; 0: never (default %(default)s)")
+    parser.add_argument("--oversized-every", type=count(0), default=25,
+                        help="every Nth request oversized, before corrupt; 0: never (default %(default)s)")
+    parser.add_argument("--warmup", type=count(0), default=2,
+                        help="good requests per client before measuring memory; 0: none (default %(default)s)")
+    parser.add_argument("--server-pid", type=server_pid,
+                        help="pid of the server, on this machine (default: the local listener on the port)")
     parser.add_argument("--json-summary", type=Path, help="write the figures here as JSON")
     args = parser.parse_args(argv)
-    if args.clients < 1 or args.requests < 1:
-        parser.error("--clients and --requests must be at least 1")
-
     host, _, port = args.url.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        parser.error(f"--url {args.url!r} is not host:port")
+    if args.json_summary and not args.json_summary.resolve().parent.is_dir():
+        parser.error(f"--json-summary {args.json_summary}: no directory {args.json_summary.parent}")
+
+    problem = check_server(args.protocol, args.url, args.model)
+    if problem:
+        print(f"soak: {problem}", file=sys.stderr)
+        return 2
     pid = args.server_pid
     if pid is None and host in ("127.0.0.1", "localhost", "::1", "[::1]", socket.gethostname()):
         pid = listening_pid(int(port))
@@ -357,7 +428,11 @@ def main(argv=None) -> int:
     print(format_report(summary))
     if args.json_summary:
         args.json_summary.write_text(json.dumps(summary, indent=1) + "\n")
-    return 1 if summary["collateral_failures"] or summary["bad_answered"] else 0
+    failed = verdict(summary)
+    if failed:
+        print(failed, file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
