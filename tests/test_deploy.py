@@ -1,6 +1,7 @@
 """deploy/: the Kubernetes manifests render with kustomize, every object validates against the
 Kubernetes schemas (kubernetes-validate, offline), checkov's policies pass, and the objects agree with
-each other and with ssd-serve (ports, probes, selectors, the HPA's metric, no opened admin APIs).
+each other and with ssd-serve (ports, probes, selectors, the HPA's metric, no opened admin APIs); the
+PrometheusRule the HPA scales on, evaluated on a real server's /metrics, measures the queueing there.
 
 kubectl, kubernetes-validate and checkov come from the machine and `make k8s-tools` (a venv of its
 own: checkov's pins would move packages of the main venv)."""
@@ -8,12 +9,16 @@ own: checkov's pins would move packages of the main venv)."""
 from __future__ import annotations
 
 import inspect
+import io as bytes_io
 import json
 import re
 import shutil
 import subprocess
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -44,6 +49,26 @@ def render(kustomization: str, tmp_path: Path) -> tuple[Path, list[dict]]:
     path = tmp_path / (kustomization.replace("/", "_") + ".yaml")
     path.write_text(run.stdout)
     return path, [doc for doc in yaml.safe_load_all(run.stdout) if doc]
+
+
+# The shape of the recording rule's expression: one rate summed per pod over another, both `model=~` selected.
+RULE = re.compile(r'sum by \(namespace, pod\) \(rate\((\w+)\{model=~"([^"]+)"\}\[1m\]\)\)\s*'
+                  r'/ clamp_min\(sum by \(namespace, pod\) \(rate\((\w+)\{model=~"([^"]+)"\}\[1m\]\)\), 1e-9\)')
+STEP_MODELS = [model for model in io.ALL_MODELS if model not in io.ENSEMBLES]
+
+
+def queue_rule(objects: list[dict], record: str) -> tuple[tuple[str, str], tuple[str, str]]:
+    """The (metric, model regex) the PrometheusRule's `record` divides, numerator first."""
+    (expression,) = [rule["expr"] for obj in objects if obj["kind"] == "PrometheusRule"
+                     for group in obj["spec"]["groups"] for rule in group["rules"] if rule["record"] == record]
+    found = RULE.fullmatch(expression.strip())
+    assert found, expression
+    return (found[1], found[2]), (found[3], found[4])
+
+
+def selected(pattern: str, models) -> list[str]:
+    """The models a PromQL `model=~pattern` matcher selects (its regex is anchored at both ends)."""
+    return [model for model in models if re.fullmatch(pattern, model)]
 
 
 def by_kind(objects: list[dict]) -> dict[str, dict]:
@@ -113,11 +138,12 @@ def test_the_objects_agree_with_each_other_and_with_ssd_serve(kustomization, tmp
     (metric,) = hpa["spec"]["metrics"]
     records = [rule["record"] for group in kinds["PrometheusRule"]["spec"]["groups"] for rule in group["rules"]]
     assert metric["pods"]["metric"]["name"] in records
-    # ... over the requests of every ensemble a repository may hold (tests/test_serving_maskrcnn.py reads
-    # these counters from a real server)
-    (expression,) = [rule["expr"] for group in kinds["PrometheusRule"]["spec"]["groups"] for rule in group["rules"]
-                     if rule["record"] == metric["pods"]["metric"]["name"]]
-    assert re.findall(r'\{([^}]*)\}', expression) == [f'model=~"{"|".join(io.ENSEMBLES)}"'] * 2
+    # ... the queue time of every step model per request of every ensemble a repository may hold
+    # (test_the_queue_time_rule_measures_the_queueing_of_a_real_server evaluates it on a real server)
+    (queued, steps), (requests, ensembles) = queue_rule(objects, metric["pods"]["metric"]["name"])
+    assert (queued, requests) == ("nv_inference_queue_duration_us", "nv_inference_request_success")
+    assert selected(steps, io.ALL_MODELS) == STEP_MODELS
+    assert selected(ensembles, io.ALL_MODELS) == list(io.ENSEMBLES)
     assert 1 < hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
     assert kinds["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
 
@@ -135,3 +161,65 @@ def test_object_storage_fetches_the_repository_before_the_server_starts(tmp_path
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert "emptyDir" in volumes["model-repository"] and "persistentVolumeClaim" not in volumes["model-repository"]
     assert not [obj for obj in objects if obj["kind"] == "PersistentVolumeClaim"]
+
+
+def jpeg(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = bytes_io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+@pytest.mark.slow
+def test_the_queue_time_rule_measures_the_queueing_of_a_real_server(tiny_checkpoint, tiny_maskrcnn_checkpoint,
+                                                                     tmp_path):
+    """Requests of both ensembles, 8 in flight on a CPU server with one instance per model: they queue. The
+    recording rule's expression, evaluated on the server's /metrics, is that queueing per ensemble request,
+    as `ssd-client status` reports it for the steps; the ensembles' own queue time is next to nothing."""
+    import skimage.data
+    import tritonclient.http as httpclient
+
+    from ssd_client.status import server_status
+    from ssd_train.export import export_model_repository
+
+    _, objects = render("overlays/gpu-cluster", tmp_path)
+    (queued, steps), (requests, ensembles) = queue_rule(objects, "ssd300_queue_time_us")
+    repository = tmp_path / "repository"
+    export_model_repository(tiny_checkpoint, repository, precisions=["fp32"])
+    export_model_repository(tiny_maskrcnn_checkpoint, repository, precisions=["fp32"])
+    photo = np.frombuffer(jpeg(skimage.data.chelsea()), np.uint8)[None]
+
+    with TritonServer(repository, http_port=0, grpc_port=0, metrics_port=0, flavour="cpu") as server:
+        def infer(ensemble: str) -> None:
+            with httpclient.InferenceServerClient(server.http_url) as client:
+                image = httpclient.InferInput(io.IMAGE, list(photo.shape), "UINT8")
+                image.set_data_from_numpy(photo)
+                client.infer(ensemble, [image])
+
+        sent = [ensemble for _ in range(12) for ensemble in io.ENSEMBLES]
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(infer, sent))
+        with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
+            metrics = response.read().decode()
+        status = {row["model"]: row for row in server_status(server.http_url)["models"]}
+
+    counters: dict[tuple[str, str], float] = {}
+    for name, model, value in re.findall(r'^(\w+)\{[^}]*\bmodel="([^"]+)"[^}]*\} (\S+)$', metrics, re.MULTILINE):
+        counters[name, model] = counters.get((name, model), 0.0) + float(value)
+
+    def total(metric: str, pattern: str) -> float:
+        return sum(value for (name, model), value in counters.items()
+                   if name == metric and re.fullmatch(pattern, model))
+
+    # Counters from the server's start (no other traffic): rate over rate is the ratio of the increases.
+    assert total(requests, ensembles) == len(sent)
+    signal_ms = total(queued, steps) / total(requests, ensembles) / 1000
+    ensembles_alone_ms = total(queued, ensembles) / total(requests, ensembles) / 1000  # the rule before
+    steps_ms = sum(status[m]["queue_ms"] * status[m]["requests"] for m in STEP_MODELS if m in status) / sum(
+        status[e]["requests"] for e in io.ENSEMBLES)
+    print(f"queue ms per ensemble request: rule {signal_ms:.1f}, ssd-client status' steps {steps_ms:.1f}, "
+          f"the ensembles' own {ensembles_alone_ms:.4f}")
+    assert signal_ms > 1.0  # 8 requests in flight for one instance of each step
+    assert signal_ms == pytest.approx(steps_ms, rel=0.01)
+    assert ensembles_alone_ms < signal_ms / 100
