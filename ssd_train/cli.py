@@ -20,8 +20,9 @@ from ssd_train.models.ssd300.train import FitConfig
 EPOCH_LIST = "comma-separated epoch indices (0-based)"
 
 
-def _int_list(what: str = "integers", minimum: int = 0, ascending: bool = False):
-    """A click callback reading comma-separated integers (at least `minimum`; rising with `ascending`)."""
+def _int_list(what: str = "integers", minimum: int = 0, ascending: bool = False, empty: bool = True):
+    """A click callback reading comma-separated integers (at least `minimum`; rising with `ascending`;
+    none at all only with `empty`)."""
     def callback(ctx, param, value):
         if value is None or isinstance(value, tuple):
             return value
@@ -29,9 +30,9 @@ def _int_list(what: str = "integers", minimum: int = 0, ascending: bool = False)
             numbers = tuple(int(v) for v in str(value).replace(" ", ",").split(",") if v)
         except ValueError:
             raise click.BadParameter(f"expected {what}, got {value!r}") from None
-        if not numbers:
+        if not numbers and not empty:
             raise click.BadParameter(f"expected {what}, got {value!r}")
-        if min(numbers) < minimum:
+        if numbers and min(numbers) < minimum:
             raise click.BadParameter(f"expected {what} of at least {minimum}, got {value!r}")
         if ascending and list(numbers) != sorted(set(numbers)):
             raise click.BadParameter(f"expected {what} in rising order, got {value!r}")
@@ -514,10 +515,10 @@ def predict(detector, images, checkpoint, backbone, threshold, output_dir, batch
                                            "(maskrcnn: for a batch of 1).")
 @click.option("--backbone", type=click.Choice(BACKBONES), default=None,
               help="Override the checkpoint's backbone (NVIDIA's SSD300 checkpoints do not record it).")
-@click.option("--score-threshold", type=click.FloatRange(0, 1), default=None,
+@click.option("--score-threshold", type=float, default=None,
               help="maskrcnn: the box score the served model keeps from [default: the checkpoint's, 0.05, which "
                    "COCO evaluation wants]; each kept detection costs a mask pasted and encoded per request.")
-@click.option("--detections-per-image", type=click.IntRange(1, 100), default=None,
+@click.option("--detections-per-image", type=int, default=None,
               help="maskrcnn: at most this many detections per image, best first (1-100) [default: 100].")
 @click.option("--replace-configs", is_flag=True,
               help="Replace the repository's configs that declare other tensors than this ssd-train's (an older "
@@ -578,7 +579,7 @@ def import_weights(weights, output, categories, min_size, max_size):
               help="input: the training input pipeline alone, on --data (maskrcnn).")
 @click.option("--batch-size", "--bs", "batch_size", type=click.IntRange(min=1), default=None,
               help="[default: ssd300 32, maskrcnn 8]")
-@click.option("--batch-sizes", callback=_int_list("comma-separated batch sizes", 1), default=None,
+@click.option("--batch-sizes", callback=_int_list("comma-separated batch sizes", 1, empty=False), default=None,
               help="Sweep these batch sizes (e.g. 1,2,4,8,16,32,64) instead of --batch-size.")
 @click.option("--amp/--no-amp", default=None,
               help="Only mixed precision / only full precision [default: both columns on CUDA, fp32 on CPU].")
@@ -595,7 +596,7 @@ def import_weights(weights, output, categories, min_size, max_size):
               help="Shorter image side (maskrcnn).")
 @click.option("--max-size", type=click.IntRange(min=1), default=1333, show_default=True,
               help="Longer image side at most (maskrcnn).")
-@click.option("--processes", callback=_int_list("comma-separated numbers of processes", 1), default="1",
+@click.option("--processes", callback=_int_list("comma-separated numbers of processes", 1, empty=False), default="1",
               show_default=True,
               help="Training: also measure with these numbers of processes (one GPU each; gloo on CPU) for the "
                    "weak-scaling columns, e.g. 1,2,4,8 (maskrcnn).")
