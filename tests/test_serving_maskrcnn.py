@@ -194,8 +194,8 @@ def test_the_soak_tool_soaks_it(server, tmp_path):
 
 
 def test_each_ensemble_reports_the_counters_the_autoscaler_reads(server, shapes_dir):
-    """deploy/'s PrometheusRule divides each ensemble's queue time by its successful requests: a real server
-    reports both counters for both ensembles once each has served a request."""
+    """deploy/'s PrometheusRule divides the queue time of each ensemble's steps by the ensemble's successful
+    requests: a real server reports both counters for both ensembles once each has served a request."""
     photo = images(shapes_dir)[:1]
     with httpclient.InferenceServerClient(server.http_url) as client:
         for ensemble in io.ENSEMBLES:
