@@ -27,7 +27,7 @@ import torch
 
 from ssd_common import io
 from ssd_train.files import temp_file_beside
-from ssd_train.serving.manifest import ARTIFACTS, RepositoryBusy, exclusive, write_manifest
+from ssd_train.serving.manifest import ARTIFACTS, RepositoryBusy, artifact_files, exclusive, write_manifest
 from ssd_train.serving.served_repository import CONFIG_FILE, PACKAGE_REPOSITORY, PREVIOUS_SUFFIX
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,24 @@ def write_export_manifest(repository: Path, detector: str, models: Sequence[str]
     kept = {rel: entry for rel, entry in previous["files"].items() if rel.split("/")[0] not in models}
     exports = {name: value for name, value in previous.get("exports", {}).items() if name != detector}
     artifacts = [path for path in written if path.name in ARTIFACTS]
+    set_aside_stale_artifacts(repository, models, artifacts)
     return write_manifest(repository, artifacts, kept=kept, exports={**exports, detector: details})
+
+
+def set_aside_stale_artifacts(repository: Path, models: Sequence[str], artifacts: list[Path]) -> list[Path]:
+    """An earlier export's artifacts in `models` that this one did not write (its fp16 model after an
+    fp32-only export, its ONNX file after one without --onnx) belong to other weights: served beside the
+    new ones they would mix two checkpoints. Each is renamed NAME.previous (kept, not served)."""
+    repository = Path(repository)
+    fresh = {Path(path).resolve() for path in artifacts}
+    moved = []
+    for rel in artifact_files(repository):
+        path = repository / rel
+        if rel.split("/")[0] in models and path.resolve() not in fresh:
+            os.replace(path, path.with_name(path.name + PREVIOUS_SUFFIX))
+            log.warning("%s is an earlier export's, not this one's: kept as %s%s", path, path.name, PREVIOUS_SUFFIX)
+            moved.append(path)
+    return moved
 
 
 # ----------------------------------------------------------------------------------------------

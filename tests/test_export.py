@@ -307,6 +307,20 @@ def test_one_export_at_a_time_and_a_killed_one_leaves_no_lock(exported, tiny_che
     assert verify_repository(repository)["exports"]["ssd300"]["precisions"] == ["fp32"]
 
 
+def test_an_earlier_exports_artifacts_are_set_aside_not_served_with_the_new_ones(exported, tiny_checkpoint, tmp_path):
+    """Exporting without --onnx over an export with it: the old model.onnx belongs to the earlier weights.
+    It is kept as model.onnx.previous, out of the manifest, and the repository verifies (ssd-serve serves it)."""
+    repository = tmp_path / "repository"
+    shutil.copytree(exported[0], repository)
+    onnx_file = repository / io.MODEL_FP32 / "1" / io.ONNX_FILE
+    earlier = onnx_file.read_bytes()
+    export_model_repository(tiny_checkpoint, repository, precisions=["fp32"])
+    assert not onnx_file.exists()
+    assert onnx_file.with_name(io.ONNX_FILE + ".previous").read_bytes() == earlier
+    listed = verify_repository(repository)["files"]
+    assert f"{io.MODEL_FP32}/1/{io.TORCHSCRIPT_FILE}" in listed and f"{io.MODEL_FP32}/1/{io.ONNX_FILE}" not in listed
+
+
 def test_a_repository_without_configs_needs_the_package_ones(tmp_path):
     with pytest.raises(ExportError, match="no config.pbtxt"):
         install_configs(tmp_path / "repository", source=tmp_path / "nowhere")
