@@ -148,3 +148,19 @@ def test_torchrun_trains_on_two_gloo_processes(demo_dir, tmp_path):
     assert start["world_size"] == 2 and start["global_batch"] == 2
     assert start["lr"] == pytest.approx(0.02 * 2 / 16)
     assert sorted(p.name for p in save.glob("*.pt")) == ["model_0000003.pt"]  # only rank 0 writes
+
+
+def test_an_image_too_thin_to_resize_stops_training_before_the_first_step(tmp_path):
+    """3000x1 resizes to 0 rows at 800/1333: inference finds nothing in it, training would crash mid-step."""
+    from types import SimpleNamespace
+
+    from ssd_common.layout import DatasetError
+    from ssd_train.models.maskrcnn.train import check_resizable
+
+    images = [{"id": 1, "file_name": "photo.jpg", "width": 640, "height": 480},
+              {"id": 2, "file_name": "sliver.jpg", "width": 3000, "height": 1}]
+    dataset = SimpleNamespace(images=images, annotation_file=tmp_path / "instances_train2017.json")
+    check_resizable(SimpleNamespace(images=images[:1], annotation_file=dataset.annotation_file), MaskRCNNSpec())
+    with pytest.raises(DatasetError, match=r"image 2 \(sliver.jpg\) is 3000x1, too thin to resize"):
+        check_resizable(dataset, MaskRCNNSpec())
+    check_resizable(dataset, MaskRCNNSpec(min_size=800, max_size=100_000))  # a larger max keeps a row

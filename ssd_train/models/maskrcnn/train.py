@@ -24,12 +24,13 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from ssd_common.layout import DatasetError
 from ssd_train import checkpoint as ckpt
 from ssd_train.files import atomic_write
 from ssd_train.inference import autocast
 from ssd_train.models.maskrcnn.data import build_eval_loader, build_train_loader
 from ssd_train.models.maskrcnn.inference import evaluate_model
-from ssd_train.models.maskrcnn.model import MaskRCNNSpec, build_maskrcnn
+from ssd_train.models.maskrcnn.model import MaskRCNNSpec, build_maskrcnn, resized_size
 from ssd_train.train import (MetricsLog, NonFiniteGuard, TrainingError, all_finite, check_resumable, check_resume,
                              check_writable, init_distributed, make_grad_scaler, pick_device, run_settings,
                              set_math_modes)
@@ -234,6 +235,16 @@ def _reached(result: dict, cfg: MaskRCNNConfig) -> bool:
     return bool(targets) and all(value >= goal for goal, value in targets)
 
 
+def check_resizable(dataset, spec: MaskRCNNSpec) -> None:
+    """Before the first step: an image the model's resize would give no rows or columns (3000x1 at 800/1333)
+    is an error naming it, not a crash in the middle of a step (inference just finds nothing in one)."""
+    for image in dataset.images:
+        if 0 in resized_size(image["height"], image["width"], spec.min_size, spec.max_size):
+            raise DatasetError(f"{dataset.annotation_file.name}: image {image['id']} ({image.get('file_name')}) is "
+                               f"{image['width']}x{image['height']}, too thin to resize to --min-size "
+                               f"{spec.min_size} / --max-size {spec.max_size}: leave it out of the training split")
+
+
 def fit(cfg: MaskRCNNConfig) -> dict:
     """Train; returns the summary (also written to `cfg.json_summary`)."""
     cfg.save = Path(cfg.save)
@@ -272,6 +283,7 @@ def fit(cfg: MaskRCNNConfig) -> dict:
                             cfg.norm or ("batch" if from_scratch else "frozen"))
     settings.update(backbone=spec.backbone, min_size=spec.min_size, max_size=spec.max_size,
                     trainable_layers=spec.trainable_layers, norm=spec.norm)
+    check_resizable(train_loader.dataset, spec)
 
     torch.manual_seed(cfg.seed)
     model = build_maskrcnn(spec, cfg.backbone_path, pretrained_backbone=cfg.pretrained_backbone and resume is None)
