@@ -57,6 +57,9 @@ def test_predict_prints_json_lines_and_draws(shapes_dir, tiny_checkpoint, tmp_pa
 def test_missing_dataset(tmp_path, tiny_checkpoint):
     assert_one_line_error(run("evaluate", "--data", tmp_path / "none", "--checkpoint", tiny_checkpoint),
                           "dataset directory not found")
+    (tmp_path / "a_file").write_text("")
+    assert_one_line_error(run("evaluate", "--data", tmp_path / "a_file", "--checkpoint", tiny_checkpoint),
+                          "dataset directory is a file, not a directory")
 
 
 def test_wrong_layout(tmp_path, tiny_checkpoint):

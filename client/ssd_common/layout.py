@@ -29,7 +29,8 @@ class CocoSplit:
 
     def check(self) -> "CocoSplit":
         if not self.root.is_dir():
-            raise DatasetError(f"dataset directory not found: {self.root}")
+            what = "is a file, not a directory" if self.root.exists() else "not found"
+            raise DatasetError(f"dataset directory {what}: {self.root}")
         if not self.annotation_file.is_file():
             raise DatasetError(f"not a COCO-layout dataset: {self.annotation_file} is missing "
                                f"(expected DIR/annotations/instances_{self.split}.json and DIR/{self.split}/)")
