@@ -140,6 +140,16 @@ def test_without_a_gpu_it_asks_for_the_cpu_smoke_run(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_bad_device_or_an_unwritable_output_is_refused_before_any_work(tmp_path):
+    """GPU time is rare: what would only fail when the first section's results are written fails first."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for args, message in ((("--device", "tpu"), "--device tpu: expected cuda, cuda:N or cpu"),
+                          (("--device", "cpu", "--output", str(blocker / "out")), "cannot write there")):
+        result = run_check("--output", str(tmp_path / "out"), *args, cwd=tmp_path)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
 def test_a_gpu_report_says_which_goals_were_met_and_what_failed():
     sys.path.insert(0, str(ROOT / "tools"))
     import gpu_check

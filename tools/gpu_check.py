@@ -841,9 +841,21 @@ def main(argv=None) -> int:
                         help="Run only this section (repeat for several; default: all), e.g. to rerun one that "
                              "broke without spending the whole run's GPU time again.")
     args = parser.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.device is None and device.type != "cuda":
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        parser.error(f"--device {args.device}: expected cuda, cuda:N or cpu")
+    if device.type not in ("cuda", "cpu"):
+        parser.error(f"--device {args.device}: expected cuda, cuda:N or cpu")
+    if device.type != "cuda" and args.device is None or device.type == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device is visible; pass --device cpu for the CPU smoke run")
+    try:  # before any GPU time is spent: the results are written after each section
+        args.output.mkdir(parents=True, exist_ok=True)
+        probe = args.output / ".gpu_check_write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        parser.error(f"--output {args.output}: cannot write there ({err.strerror})")
     if device.type == "cuda":
         device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
         torch.cuda.set_device(device)
