@@ -136,3 +136,30 @@ def test_fit_reports_a_missing_image_in_one_line_before_training(shapes_copy, tm
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [f"Error: image file not found: {missing}"]
     assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_images_are_read_upright_and_annotations_of_the_stored_frame_are_warned_about(shapes_copy, caplog):
+    """Cameras store photos sideways with an EXIF orientation. Every path reads them upright, as DALI's
+    decoder does (the PyTorch backend and Mask R-CNN's loaders too); annotations made on the stored,
+    unturned pixels would not line up, and the check before training says so."""
+    from PIL import Image
+
+    from ssd_train.data.coco import read_image
+
+    split = CocoSplit(shapes_copy, "train2017")
+    data = load_annotations(split)
+    first = data["images"][0]
+    path = split.image_dir / first["file_name"]
+    orientation = Image.Exif()
+    orientation[0x0112] = 6  # turn a quarter clockwise to view
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(path, "JPEG", exif=orientation.tobytes())
+    assert read_image(path).size == (30, 40)  # (width, height): upright
+    first["width"], first["height"] = 30, 40  # annotated as one sees it
+    with caplog.at_level(logging.WARNING):
+        read_boxes(split, data, skip_empty=False)
+    assert "not the size their annotations give" not in caplog.text
+    first["width"], first["height"] = 40, 30  # annotated on the stored pixels
+    with caplog.at_level(logging.WARNING):
+        read_boxes(split, data, skip_empty=False)
+    assert "1 images are not the size their annotations give" in caplog.text
+    assert "annotated 40x30, 30x40 upright: its annotations were made on the stored pixels" in caplog.text

@@ -10,6 +10,7 @@ too). An annotation of a category the file does not list is an error: its label 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections import Counter
@@ -21,6 +22,7 @@ from ssd_common.layout import CocoSplit, DatasetError
 log = logging.getLogger(__name__)
 
 MIN_BOX_PIXELS = 1.0
+EXIF_ORIENTATION = 0x0112  # the EXIF tag
 
 
 @dataclass
@@ -100,7 +102,7 @@ def read_boxes(split: CocoSplit, data: dict, skip_empty: bool) -> SplitBoxes:
         reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(dropped.items()))
         log.warning("%s: dropped %d of %d boxes (%s)", split.annotation_file, result.num_dropped,
                     result.num_dropped + sum(map(len, boxes.values())), reasons)
-    check_image_files(result.image_path(img) for img in images)
+    check_image_files([result.image_path(img) for img in images], [(img["width"], img["height"]) for img in images])
     return result
 
 
@@ -121,21 +123,37 @@ def _clip(bbox, size) -> tuple[tuple[float, float, float, float] | None, str | N
     return (x1, y1, x2, y2), None
 
 
-def check_image_files(paths) -> None:
+def check_image_files(paths, sizes=None) -> None:
     """Each file exists and starts like an image PIL can read (its header only: nothing is decoded),
-    so a bad file stops the run before training rather than hours into it."""
+    so a bad file stops the run before training rather than hours into it. With `sizes` (the annotation
+    file's (width, height) of each image), a warning counts the images whose upright size differs."""
     from PIL import Image, UnidentifiedImageError
 
-    for path in paths:
+    mismatched = []
+    for path, size in zip(paths, sizes or itertools.repeat(None)):
         try:
-            with Image.open(path):
-                pass
+            with Image.open(path) as image:
+                if size is not None and upright_size(image) != tuple(size):
+                    mismatched.append((path, size, upright_size(image), image.size))
         except FileNotFoundError:
             raise DatasetError(f"image file not found: {path}") from None
         except UnidentifiedImageError:
             raise DatasetError(f"cannot read image {path}: not an image file") from None
         except OSError as err:
             raise DatasetError(f"cannot read image {path}: {err.strerror or err}") from None
+    if mismatched:
+        path, (width, height), upright, stored = mismatched[0]
+        why = (": its annotations were made on the stored pixels, which its EXIF orientation turns"
+               if stored == (width, height) else "")
+        log.warning("%d images are not the size their annotations give, so their boxes will not line up "
+                    "(images are read upright, as DALI and the servers read them); e.g. %s: annotated %dx%d, "
+                    "%dx%d upright%s", len(mismatched), path, width, height, *upright, why)
+
+
+def upright_size(image) -> tuple[int, int]:
+    """(width, height) of a PIL image once its EXIF orientation is applied (5-8 turn it a quarter)."""
+    width, height = image.size
+    return (height, width) if image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else (width, height)
 
 
 def check_enough_images(split: str, images: int, batch_size: int, num_shards: int) -> None:

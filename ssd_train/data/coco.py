@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ssd_common.labels import LabelMap, LabelMapError
 from ssd_common.layout import CocoSplit, DatasetError, load_annotations, split_images
@@ -105,8 +105,10 @@ class CocoImages(torch.utils.data.Dataset):
 
 
 def read_image(path: Path) -> Image.Image:
+    """The image upright (its EXIF orientation applied), as DALI's decoder reads it: training, evaluation,
+    predict and the servers all see the same pixels."""
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            return ImageOps.exif_transpose(img).convert("RGB")
     except (OSError, UnidentifiedImageError) as err:
         raise DatasetError(f"cannot read image {path}: {err}") from None
