@@ -105,8 +105,9 @@ def test_backbone_weights_load_from_a_torchvision_state_dict(tmp_path):
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda path: torch.save(torchvision.models.resnet34(weights=None).state_dict(), path), "unexpected keys"),
-    (lambda path: torch.save({"conv1.weight": torch.zeros(1)}, path), "not a torchvision ResNet state dict"),
+    (lambda path: torch.save(torchvision.models.resnet34(weights=None).state_dict(), path),
+     f"not a torchvision {TINY.backbone} state dict: unexpected keys"),
+    (lambda path: torch.save({"conv1.weight": torch.zeros(1)}, path), f"not a torchvision {TINY.backbone} state dict"),
     (lambda path: path.write_bytes(b"not a checkpoint"), "cannot read backbone weights"),
     (lambda path: None, "not found"),
 ])

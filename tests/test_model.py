@@ -64,7 +64,7 @@ def test_missing_backbone_weights_file():
 
 def test_backbone_weights_of_another_network(tmp_path):
     torch.save(build_model("resnet18").state_dict(), tmp_path / "ssd.pt")
-    with pytest.raises(BackboneError, match="is not a torchvision ResNet state dict"):
+    with pytest.raises(BackboneError, match="is not a torchvision resnet18 state dict"):
         build_model("resnet18", backbone_path=str(tmp_path / "ssd.pt"))
 
 

@@ -13,8 +13,9 @@ class BackboneError(ValueError):
     """The backbone is unknown or its weights cannot be loaded (the message is one line)."""
 
 
-def load_resnet_weights(resnet: torch.nn.Module, path: str) -> None:
-    """A torchvision ResNet state dict (its `fc` may be left out: detection does not use it)."""
+def load_resnet_weights(resnet: torch.nn.Module, path: str, name: str = "ResNet") -> None:
+    """A torchvision ResNet state dict (its `fc` may be left out: detection does not use it) into `resnet`,
+    a torchvision `name` (resnet50, ...)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -23,7 +24,7 @@ def load_resnet_weights(resnet: torch.nn.Module, path: str) -> None:
         raise BackboneError(f"cannot read backbone weights {path}: {unreadable_reason(Path(path), err)}") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
-    what = f"{path} is not a torchvision {type(resnet).__name__} state dict"
+    what = f"{path} is not a torchvision {name} state dict"
     if not isinstance(state, dict):
         raise BackboneError(f"{what}: it holds a {type(state).__name__}")
     try:

@@ -112,7 +112,7 @@ def build_maskrcnn(spec: MaskRCNNSpec, backbone_path=None, pretrained_backbone: 
     norm_layer = FrozenBatchNorm2d if spec.norm == "frozen" else torch.nn.BatchNorm2d
     resnet = getattr(torchvision.models, spec.backbone)(weights=None, norm_layer=norm_layer)
     if backbone_path is not None:
-        load_resnet_weights(resnet, str(backbone_path))
+        load_resnet_weights(resnet, str(backbone_path), spec.backbone)
     elif pretrained_backbone:
         _imagenet_weights(resnet, spec.backbone)
     backbone = _resnet_fpn_extractor(resnet, spec.trainable_layers)

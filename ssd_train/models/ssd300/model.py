@@ -38,7 +38,7 @@ class ResNetBackbone(nn.Module):
             raise BackboneError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
         resnet = getattr(torchvision.models, name)(weights=None)
         if weights_path is not None:
-            load_resnet_weights(resnet, weights_path)
+            load_resnet_weights(resnet, weights_path, name)
         elif pretrained:
             _try_imagenet_weights(resnet, name)
         self.out_channels = _FEATURE_CHANNELS[name]
