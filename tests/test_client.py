@@ -99,6 +99,22 @@ def test_formats_the_server_cannot_decode_are_reencoded(tmp_path):
         np.testing.assert_array_equal(decode(encoded.data), np.asarray(img.convert("RGB")))
 
 
+def test_an_image_over_pils_pixel_limit_goes_to_the_server_whose_cap_decides(tmp_path):
+    """PIL refuses to open 20000x20000 (a decompression bomb to it): a JPEG or PNG is sent as it is, so the
+    server's own cap refuses it in its words; another format, which would have to be converted, is refused here."""
+    import struct
+
+    jpeg = tmp_path / "bomb.jpg"
+    Image.new("L", (20000, 20000), 128).save(jpeg, "JPEG")
+    assert encode_image(jpeg, str(jpeg)).data == jpeg.read_bytes()
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buffer, "BMP")
+    bmp = bytearray(buffer.getvalue())
+    bmp[18:26] = struct.pack("<ii", 20000, 20000)  # a header claiming 20000x20000
+    with pytest.raises(ImageError, match="bomb.bmp: too many pixels to convert for the server"):
+        encode_image(bytes(bmp), "bomb.bmp")
+
+
 def test_names_follow_positions_for_unnamed_images():
     photo = skimage.data.coffee()
     encoded = encode_images([photo, DATA_DIR / "rocket.jpg", photo], start=10)

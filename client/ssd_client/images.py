@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence, Union
@@ -20,6 +21,7 @@ ImageLike = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray, Im
 # whose headers it reads before anything decodes them); anything else PIL can open (BMP, TIFF,
 # WebP, GIF, ...) is re-encoded as PNG on the way out.
 SERVER_FORMATS = frozenset({"JPEG", "PNG"})
+SERVER_FORMAT_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # how their files start
 # Numpy arrays and PIL images are sent as PNG: lossless, so the server sees exactly the pixels the
 # caller holds (the same detections as the in-process model on that array), where JPEG would change
 # them. The cost is a bigger request; level 1 keeps the encoding fast.
@@ -112,9 +114,15 @@ def _checked_bytes(data: bytes, name: str) -> bytes:
     if not data:
         raise ImageError(f"{name}: empty image data")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            fmt = img.format
-            img.verify()  # parses the headers and chunks without decoding the pixels
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                fmt = img.format
+                img.verify()  # parses the headers and chunks without decoding the pixels
+    except Image.DecompressionBombError as err:
+        if data.startswith(SERVER_FORMAT_SIGNATURES):  # sent as it is: the server's size cap decides, and says so
+            return data
+        raise ImageError(f"{name}: too many pixels to convert for the server ({err})") from None
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not a readable image (unknown format)") from None
     except Exception as err:  # PIL's parsers raise many types (OSError, SyntaxError, struct.error, ...) on bad data
