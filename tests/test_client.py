@@ -764,7 +764,7 @@ def test_unreadable_images_are_named_and_the_server_keeps_answering(served, tmp_
         # Parses as a JPEG here but cannot be decoded: the server refuses that request, naming it.
         truncated = tmp_path / "truncated.jpg"
         truncated.write_bytes((DATA_DIR / "rocket.jpg").read_bytes()[:3000])
-        with pytest.raises(InferenceError, match=f"failed while detecting in {truncated}: "):
+        with pytest.raises(InferenceError, match=f"refused the input while detecting in {truncated}: "):
             client.detect(truncated)
         assert len(client.detect(DATA_DIR / "rocket.jpg")[0]) > 0
 
@@ -1011,7 +1011,7 @@ def test_cli_detect_reports_the_good_images_and_names_each_bad_one(served, tmp_p
     lines = [json.loads(line) for line in result.stdout.splitlines()]  # each photo went alone, as expected's
     assert lines == [{"image": str(path), **d.to_dict()} for path, found in zip(good, expected) for d in found]
     errors = [line for line in result.stderr.splitlines() if not line.startswith("wrote ")]
-    assert errors == [f"Error: {truncated}: Triton server at {served.grpc_url} (grpc) failed while detecting in "
+    assert errors == [f"Error: {truncated}: Triton server at {served.grpc_url} (grpc) refused the input while detecting in "
                       f"{truncated}: in ensemble '{sio.ENSEMBLE}', IMAGE input 0: cannot decode image: truncated "
                       "JPEG (no end-of-image marker)",
                       f"Error: {missing}: no such file"]
@@ -1057,7 +1057,7 @@ def test_cli_evaluate_leaves_out_failed_images_up_to_max_failures(served, tmp_pa
                      "--no-progress")
     assert result.exit_code == 0, result.output
     assert "2 images failed and are left out of the score:" in result.output
-    assert f"\n  {truncated}: Triton server at {served.grpc_url} (grpc) failed while detecting in {truncated}: " \
+    assert f"\n  {truncated}: Triton server at {served.grpc_url} (grpc) refused the input while detecting in {truncated}: " \
         in result.output
     assert f"\n  {garbage}: not a readable image" in result.output
     summary = json.loads((tmp_path / "summary.json").read_text())

@@ -424,7 +424,7 @@ def test_cli_detect_reports_the_good_image_and_names_the_bad_one(served, tmp_pat
     assert [json.loads(line) for line in result.stdout.splitlines()] == [{"image": str(good), **d.to_dict()}
                                                                          for d in expected]
     assert result.stderr.splitlines() == [
-        f"Error: {truncated}: Triton server at {served.http_url} (http) failed while detecting in {truncated}: "
+        f"Error: {truncated}: Triton server at {served.http_url} (http) refused the input while detecting in {truncated}: "
         f"in ensemble '{sio.MASKRCNN_ENSEMBLE}', IMAGE input 0: cannot decode image: truncated JPEG (no "
         "end-of-image marker)"]
 

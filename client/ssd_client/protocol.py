@@ -230,6 +230,9 @@ def model_not_found(name: str, url: str, index) -> ModelNotFoundError:
     return ModelNotFoundError(f"model {name!r} is not served by {url} (models: {served})")
 
 
+BAD_INPUT_STATUSES = ("400", "StatusCode.INVALID_ARGUMENT")  # HTTP's and gRPC's InferenceServerException.status()
+
+
 def server_error(err: BaseException, url: str, protocol: str, action: str, attempts: int = 1) -> SSDClientError:
     """Translate tritonclient / socket / aiohttp errors into the client's exceptions; `attempts` > 1 says
     the call was retried before giving up."""
@@ -252,6 +255,8 @@ def _translate(err: BaseException, where: str, action: str) -> SSDClientError:
             return ServerUnavailableError(f"cannot reach the {where}: is it running? ({message})")
         if status == "503":
             return ServerUnavailableError(f"the {where} is unavailable while {action}: {message}")
+        if status in BAD_INPUT_STATUSES:  # the server works: it refused what it was sent
+            return InferenceError(f"{where} refused the input while {action}: {message}")
         return InferenceError(f"{where} failed while {action}: {message}")
     if isinstance(err, TimeoutError):
         return ServerUnavailableError(f"{where} timed out while {action}")
