@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from ssd_common.options import FiniteRange
 from ssd_train.models.maskrcnn.model import BACKBONES as MASKRCNN_BACKBONES
 from ssd_train.models.ssd300.model import BACKBONES
 from ssd_train.models.ssd300.train import FitConfig
@@ -221,7 +222,7 @@ def _model_option(required_for: str):
 @_fit_option("--accumulate-steps", recipe="accumulate_steps", type=click.IntRange(min=1),
              help="Batches accumulated into one optimizer step (maskrcnn).")
 @_fit_option("--eval-batch-size", "--ebs", recipe="eval_batch_size", type=click.IntRange(min=1))
-@_fit_option("--learning-rate", "--lr", recipe="learning_rate", type=click.FloatRange(min=0, min_open=True),
+@_fit_option("--learning-rate", "--lr", recipe="learning_rate", type=FiniteRange(min=0, min_open=True),
              help="ssd300: for batch 32 per process, scaled by batch/32 x processes; maskrcnn: for a global batch "
                   "of 16, scaled linearly with the global batch (batch x processes x accumulate steps).")
 @_fit_option("--multistep", recipe="multistep", callback=_int_list(EPOCH_LIST, ascending=True),
@@ -230,11 +231,11 @@ def _model_option(required_for: str):
              help="Iterations at which the LR drops x0.1 (maskrcnn).")
 @_fit_option("--warmup", recipe="warmup", type=click.IntRange(min=0),
              help="Linear warmup iterations (maskrcnn, when not given: 500, or 625 from a global batch of 32).")
-@_fit_option("--warmup-factor", recipe="warmup_factor", type=click.FloatRange(0, 1, min_open=True),
+@_fit_option("--warmup-factor", recipe="warmup_factor", type=FiniteRange(0, 1, min_open=True),
              help="LR factor the warmup starts from (maskrcnn, when not given: 0.33, or 0.01 from a global batch "
                   "of 32).")
-@_fit_option("--momentum", recipe="momentum", type=click.FloatRange(0, 1, max_open=True))
-@_fit_option("--weight-decay", "--wd", recipe="weight_decay", type=click.FloatRange(min=0))
+@_fit_option("--momentum", recipe="momentum", type=FiniteRange(0, 1, max_open=True))
+@_fit_option("--weight-decay", "--wd", recipe="weight_decay", type=FiniteRange(min=0))
 @_fit_option("--seed", recipe="seed", type=click.IntRange(min=0))
 @click.option("--checkpoint", type=click.Path(path_type=Path),
               help="Resume from this checkpoint of the run (see --resume-anyway).")
@@ -246,9 +247,9 @@ def _model_option(required_for: str):
              help=f"Evaluate after these epochs ({EPOCH_LIST}); the last is always evaluated (ssd300).")
 @click.option("--eval-every-epoch", is_flag=True, default=None, help="Evaluate box and mask mAP after every epoch "
                                                                      "(maskrcnn).")
-@_fit_option("--min-bbox-map", recipe="min_bbox_map", type=click.FloatRange(0, 1),
+@_fit_option("--min-bbox-map", recipe="min_bbox_map", type=FiniteRange(0, 1),
              help="Stop once an evaluation reaches this box mAP (and --min-mask-map) (maskrcnn; off by default).")
-@_fit_option("--min-mask-map", recipe="min_mask_map", type=click.FloatRange(0, 1),
+@_fit_option("--min-mask-map", recipe="min_mask_map", type=FiniteRange(0, 1),
              help="Stop once an evaluation reaches this mask mAP (and --min-bbox-map) (maskrcnn; off by default).")
 @click.option("--final-eval/--no-final-eval", default=None,
               help="Evaluate at the end and write SAVE/inference/{bbox,segm}.json (maskrcnn) [default: on].")
@@ -454,7 +455,7 @@ def torch_channels_last():
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path))
 @click.option("--backbone", type=click.Choice(BACKBONES), default=None, help="Override the checkpoint's (ssd300).")
-@click.option("--threshold", default=0.3, show_default=True, type=click.FloatRange(0, 1),
+@click.option("--threshold", default=0.3, show_default=True, type=FiniteRange(0, 1),
               help="Minimum score to report.")
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Write annotated copies of the images here (boxes, labels and masks).")

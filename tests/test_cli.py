@@ -129,6 +129,7 @@ def test_unwritable_save_dir(shapes_dir, tmp_path):
 @pytest.mark.parametrize("args, fragment", [
     (("fit", "--data", "d", "--epochs", 0), "'--epochs': 0 is not in the range x>=1"),
     (("fit", "--data", "d", "--lr", -1), "'--learning-rate' / '--lr': -1.0 is not in the range x>0"),
+    (("fit", "--data", "d", "--lr", "nan"), "'nan' is not a finite number"),  # nan passes any range check
     (("fit", "--data", "d", "--model", "maskrcnn", "--steps", "5,2"), "iterations in rising order, got '5,2'"),
     (("fit", "--data", "d", "--device", "tpu"), "expected cpu, cuda or cuda:N, got 'tpu'"),
     (("fit", "--data", "d", "--json-summary", "/nonexistent/s.json"), "its folder /nonexistent does not exist"),

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import math
 from pathlib import Path
 
 import click
@@ -16,16 +15,7 @@ from ssd_client.errors import SSDClientError
 from ssd_client.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_MAX_FAILURES, collect_detections
 from ssd_client.protocol import DEFAULT_RETRIES, DEFAULT_RETRY_BACKOFF, DEFAULT_TIMEOUT, PROTOCOLS
 from ssd_common import io
-
-
-class FiniteRange(click.FloatRange):
-    """A FloatRange that refuses nan and inf too (nan passes any range check: every comparison is False)."""
-
-    def convert(self, value, param, ctx):
-        number = super().convert(value, param, ctx)
-        if not math.isfinite(number):
-            self.fail(f"{value!r} is not a finite number.", param, ctx)
-        return number
+from ssd_common.options import FiniteRange
 
 
 MAX_TIMEOUT = 86400.0  # a day; gRPC cannot set a deadline much further out (its clock overflows)
